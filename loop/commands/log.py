@@ -1,0 +1,126 @@
+"""``python -m loop log``: every run and its cycles at a glance."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import TYPE_CHECKING, Any
+
+from loop.commands._common import BENCHMARKS, add_db_arg, add_json_arg, format_table, print_json
+
+if TYPE_CHECKING:
+    from loop.store import Store
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "log", help="runs and cycles at a glance",
+        description="List every run (status, budget, time spent) and each cycle's strategy, "
+        "decision, dev accuracy with its 95% interval, paired-test p-value and duration.")
+    add_db_arg(parser)
+    add_json_arg(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from loop.store import Store
+
+    with Store.open_existing(args.db) as store:
+        runs = [summarize_run(store, r) for r in store.runs()]
+    if args.json:
+        print_json({"runs": runs})
+    elif not runs:
+        print(f"{args.db} has no runs yet; start one with `python -m loop run --budget 6h --gpu t4`.")
+    else:
+        print("\n\n".join(render_run(r) for r in runs))
+    return 0
+
+
+def summarize_run(store: Store, run: dict[str, Any]) -> dict[str, Any]:
+    """One run in the ``log --json`` shape (DESIGN section 9), with a few extra keys."""
+    summary = {key: run[key] for key in ("id", "status", "budget_s", "spent_s", "preset", "gpu",
+                                         "started_at", "finished_at")}
+    summary["cycles"] = [{
+        "index": c["index"], "strategy": c["strategy"], "status": c["status"],
+        "dev": c["dev"] or {}, "duration_s": c["duration_s"], "dev_ci": c["dev_ci"] or {},
+        "p_value": {b: (t or {}).get("p_value") for b, t in (c["paired"] or {}).items()},
+        "adapter_id": c["adapter_id"],
+    } for c in store.cycles(run["id"])]
+    if run["status"] == "finished" or run["final"] is not None:
+        summary.update(baseline=run["baseline"], final=run["final"], final_n=run["final_n"])
+    return summary
+
+
+def format_pct(value: float | None, ci: list[float] | tuple[float, float] | None = None) -> str:
+    """``51.4% [48.0, 54.9]`` from fractions; ``-`` when there is no value."""
+    if value is None:
+        return "-"
+    text = f"{100 * value:.1f}%"
+    if ci:
+        text += f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+    return text
+
+
+def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion ``p`` measured on ``n`` questions."""
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def format_duration(seconds: float | None) -> str:
+    """``42s``, ``12m03s`` or ``5h12m``."""
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def format_p(p: float | None) -> str:
+    """A p-value with two significant digits, ``<0.001`` below that."""
+    if p is None:
+        return "-"
+    return "<0.001" if p < 0.001 else f"{p:.2g}"
+
+
+def benchmarks_of(dicts: list[dict[str, Any]]) -> list[str]:
+    """The benchmark keys found in ``dicts``, the known ones first."""
+    found = {key for d in dicts for key in d}
+    return [b for b in BENCHMARKS if b in found] + sorted(found - set(BENCHMARKS))
+
+
+def render_run(run: dict[str, Any]) -> str:
+    """A run's header, its final numbers (when finished) and its cycle table, for people."""
+    lines = [f"run {run['id']}  {run['status']}  preset {run['preset']}  gpu {run['gpu']}  "
+             f"budget {format_duration(run['budget_s'])}  spent {format_duration(run['spent_s'])}"
+             f"  started {run['started_at']}"]
+    final_n = run.get("final_n") or {}
+    for label, key in (("base model", "baseline"), ("champion", "final")):
+        values = run.get(key) or {}
+        if values:
+            parts = []
+            for bench, value in values.items():
+                n = final_n.get(bench)
+                ci = wilson_interval(value, n) if n else None
+                parts.append(f"{bench} {format_pct(value, ci)}" + (f" n={n}" if n else ""))
+            lines.append(f"  {label} on the final split: " + ", ".join(parts))
+    cycles = run["cycles"]
+    if not cycles:
+        lines.append("  no cycles yet")
+        return "\n".join(lines)
+    benches = benchmarks_of([c["dev"] for c in cycles])
+    headers = ["cycle", "strategy", "status"] + [f"{b} dev" for b in benches]
+    headers += [f"p {b}" for b in benches] + ["duration"]
+    rows = []
+    for c in cycles:
+        row = [c["index"], c["strategy"], c["status"]]
+        row += [format_pct(c["dev"].get(b), c["dev_ci"].get(b)) for b in benches]
+        row += [format_p(c["p_value"].get(b)) for b in benches]
+        rows.append(row + [format_duration(c["duration_s"])])
+    lines.append("  " + format_table(headers, rows).replace("\n", "\n  "))
+    return "\n".join(lines)

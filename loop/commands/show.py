@@ -1,0 +1,209 @@
+"""``python -m loop show CYCLE``: one cycle's decision, why, errors and examples."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from core.exceptions import UserError
+from loop.commands._common import add_db_arg, add_json_arg, format_table, print_json
+from loop.commands.log import (
+    benchmarks_of,
+    format_duration,
+    format_p,
+    format_pct,
+    wilson_interval,
+)
+
+BASELINE_RATIONALE = ("the base model as it is, before any change: the first champion, which "
+                      "every cycle is compared with")
+
+if TYPE_CHECKING:
+    from loop.store import Store
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "show", help="one cycle: errors, examples, decision, why",
+        description="Show one cycle of a run: the strategy and why it was chosen, the candidate, "
+        "its dev accuracy with 95% intervals and the paired test against the champion, the "
+        "error profile, and answers it fixed or still gets wrong.")
+    parser.add_argument("cycle", type=int, metavar="CYCLE",
+                        help="cycle index as listed by `python -m loop log` (0 is the baseline "
+                        "when the run recorded no cycle 0)")
+    parser.add_argument("--run", type=int, metavar="ID", help="run id (default: the latest run)")
+    parser.add_argument("--examples", type=int, default=5, metavar="N",
+                        help="examples of each kind per benchmark (default: 5)")
+    add_db_arg(parser)
+    add_json_arg(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from loop.store import Store
+
+    with Store.open_existing(args.db) as store:
+        run_row = store.get_run(args.run) if args.run is not None else store.latest_run()
+        if run_row is None:
+            raise UserError(f"{args.db} has no runs yet; start one with "
+                            "`python -m loop run --budget 6h --gpu t4`.")
+        view = cycle_view(store, run_row["id"], args.cycle, args.examples)
+    if args.json:
+        print_json(view)
+    else:
+        print(render(view))
+    return 0
+
+
+def cycle_view(store: Store, run_id: int, index: int, limit: int = 5) -> dict[str, Any]:
+    """Everything ``show`` prints about one cycle, as one JSON-ready dict."""
+    cycles = store.cycles(run_id)
+    baseline_evals = {e["benchmark"]: e for e in store.evaluations(run_id, role="baseline")}
+    cycle = next((c for c in cycles if c["index"] == index), None)
+    if cycle is None and index == 0 and baseline_evals:
+        cycle = baseline_cycle(store, run_id, baseline_evals)
+    if cycle is None:
+        valid = [c["index"] for c in cycles]
+        if baseline_evals and 0 not in valid:
+            valid.insert(0, 0)
+        listed = ", ".join(map(str, valid)) if valid else "none yet"
+        raise UserError(f"run {run_id} has no cycle {index}; valid cycles: {listed}. "
+                        "See them with `python -m loop log`.")
+    for key in ("candidate", "dev", "dev_ci", "paired", "error_profile", "eval_ids"):
+        cycle[key] = cycle[key] or {}
+    champion = champion_eval_ids(cycles, baseline_evals, before=index)
+    examples = {}
+    for bench, eval_id in cycle["eval_ids"].items():
+        previous = champion.get(bench) if cycle["status"] != "baseline" else None
+        examples[bench] = compare(store.predictions(previous) if previous else None,
+                                  store.predictions(eval_id), limit)
+    return {"run_id": run_id, **cycle, "decision": decision(cycle),
+            "champion_eval_ids": champion, "examples": examples}
+
+
+def baseline_cycle(store: Store, run_id: int, evals: dict[str, dict]) -> dict[str, Any]:
+    """Cycle 0 built from the baseline evaluations when the run did not record one."""
+    profile = {}
+    for bench, ev in evals.items():
+        wrong = [p for p in store.predictions(ev["id"]) if not p["correct"]]
+        profile[bench] = dict(Counter(label for p in wrong for label in p["labels"]))
+    dev = {b: e["metrics"].get("accuracy") for b, e in evals.items()}
+    dev_ci = {b: wilson_interval(dev[b], e["n"]) for b, e in evals.items()
+              if dev[b] is not None and e["n"]}
+    return {
+        "index": 0, "strategy": "baseline", "status": "baseline", "rationale": BASELINE_RATIONALE,
+        "candidate": {}, "dev": dev, "dev_ci": dev_ci, "paired": {}, "error_profile": profile,
+        "duration_s": sum(e["seconds"] or 0 for e in evals.values()), "adapter_id": None,
+        "eval_ids": {b: e["id"] for b, e in evals.items()}, "error": None,
+    }
+
+
+def champion_eval_ids(cycles: list[dict], baseline_evals: dict[str, dict],
+                      before: int) -> dict[str, int]:
+    """Per benchmark, the evaluation of the champion in force when cycle ``before`` ran."""
+    ids = {bench: ev["id"] for bench, ev in baseline_evals.items()}
+    for c in cycles:
+        if c["index"] < before and c["status"] == "accepted":
+            ids.update(c["eval_ids"] or {})
+    return ids
+
+
+def decision(cycle: dict[str, Any]) -> str:
+    """The decision in words."""
+    return {
+        "accepted": "accepted: the candidate is the new champion",
+        "rejected": "rejected: the champion stays",
+        "failed": f"failed: {cycle.get('error') or 'no error recorded'}",
+        "baseline": "baseline: the starting champion",
+    }.get(cycle["status"], cycle["status"])
+
+
+def compare(before: list[dict] | None, after: list[dict], limit: int) -> dict[str, Any]:
+    """Pair two evaluations' predictions by sample_id: fixed, broken and still-wrong answers.
+
+    Without a previous evaluation every wrong answer counts as still wrong.
+    """
+    old = {p["sample_id"]: p for p in before or []}
+    fixed, broken, still_wrong, paired = [], [], [], 0
+    for new in after:
+        prev = old.get(new["sample_id"])
+        if before is not None and prev is None:
+            continue
+        paired += 1
+        if prev is None:
+            if not new["correct"]:
+                still_wrong.append(_example(None, new))
+        elif new["correct"] and not prev["correct"]:
+            fixed.append(_example(prev, new))
+        elif prev["correct"] and not new["correct"]:
+            broken.append(_example(prev, new))
+        elif not new["correct"]:
+            still_wrong.append(_example(prev, new))
+    return {"paired_n": paired, "fixed_n": len(fixed), "broken_n": len(broken),
+            "still_wrong_n": len(still_wrong), "fixed": fixed[:limit],
+            "still_wrong": still_wrong[:limit]}
+
+
+def _example(prev: dict | None, new: dict) -> dict[str, Any]:
+    return {"sample_id": new["sample_id"], "question": new["question"], "answer": new["answer"],
+            "before": prev["output"] if prev else None, "after": new["output"],
+            "after_parsed": new["parsed"], "labels": new["labels"] or (prev or {}).get("labels")}
+
+
+def profile_rows(profile: dict[str, Any]) -> list[list[Any]]:
+    """Rows of (benchmark, label, count, share) from ``{bench: {label: n}}`` or ``{label: n}``."""
+    nested = {k: v for k, v in profile.items() if isinstance(v, dict)}
+    groups = nested or {"all": profile}
+    rows = []
+    for bench, counts in groups.items():
+        counts = {k: v for k, v in counts.items() if isinstance(v, (int, float))}
+        total = sum(counts.values())
+        for label, count in sorted(counts.items(), key=lambda kv: -kv[1]):
+            rows.append([bench, label, count, f"{100 * count / total:.0f}%" if total else "-"])
+    return rows
+
+
+def _short(text: Any, width: int = 100) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def render(view: dict[str, Any]) -> str:
+    """The cycle for people."""
+    lines = [f"run {view['run_id']}, cycle {view['index']}: {view['strategy']}",
+             f"decision: {view['decision']}", f"why: {view['rationale']}"]
+    if view["candidate"]:
+        lines.append("candidate: " + json.dumps(view["candidate"], ensure_ascii=False))
+    if view["adapter_id"] is not None:
+        lines.append(f"adapter: {view['adapter_id']}")
+    lines.append(f"duration: {format_duration(view['duration_s'])}")
+    benches = benchmarks_of([view["dev"], view["paired"]])
+    if benches:
+        rows = []
+        for bench in benches:
+            test = dict(view["paired"].get(bench) or {})
+            p_value = test.pop("p_value", None)
+            details = ", ".join(f"{k}={_short(v, 40)}" for k, v in test.items())
+            rows.append([bench, format_pct(view["dev"].get(bench), view["dev_ci"].get(bench)),
+                         format_p(p_value), details])
+        lines += ["", "dev accuracy [95% interval] and the paired test against the champion:",
+                  format_table(["benchmark", "accuracy", "p-value", "test"], rows)]
+    rows = profile_rows(view["error_profile"])
+    if rows:
+        lines += ["", "error profile (what the policy saw when it chose):",
+                  format_table(["benchmark", "label", "count", "share"], rows)]
+    noun = "questions" if view["status"] == "baseline" else "paired questions"
+    for bench, ex in view["examples"].items():
+        lines += ["", f"{bench}: {ex['fixed_n']} fixed, {ex['broken_n']} broken, "
+                  f"{ex['still_wrong_n']} still wrong of {ex['paired_n']} {noun}"]
+        for kind in ("fixed", "still_wrong"):
+            if ex[kind]:
+                lines.append(f"  {kind.replace('_', ' ')}:")
+            for e in ex[kind]:
+                labels = f"  [{', '.join(e['labels'])}]" if e["labels"] else ""
+                lines.append(f"    {e['sample_id']}: {_short(e['question'])}{labels}")
+                before = f"before {_short(e['before'], 60)!r} -> " if e["before"] is not None else ""
+                lines.append(f"      gold {e['answer']!r}; {before}now {_short(e['after'], 60)!r}")
+    return "\n".join(lines)
