@@ -1,0 +1,128 @@
+"""The tiny LLaVA of the demo world: a Saiga-like tokenizer, a small CLIP + Llama, and the
+pretraining that teaches it to see the scenes and to answer verbosely, as the real model does."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                  "<|end_header_id|>", "<|eot_id|>", "<image>", "<pad>"]
+
+# The Llama-3 chat template, accepting string content or a list of typed parts (image first).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] | trim }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+VOCAB_SIZE = 1400
+TEXT = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5,
+            rope_theta=10000.0)
+VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+              image_size=48, patch_size=16, projection_dim=64)
+PRETRAIN = dict(steps=900, batch_size=32, lr=2e-3, warmup=60, max_length=160)
+
+
+def train_tokenizer(corpus: list[str]):
+    """A byte-level BPE trained on the demo corpus, wrapped like Saiga's tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+        pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
+        model_max_length=512, padding_side="left")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_llava(tokenizer, seed: int):
+    """A randomly initialised LlavaForConditionalGeneration and its LlavaProcessor."""
+    import torch
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    torch.manual_seed(seed)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    vocab = len(tokenizer)
+    text = LlamaConfig(vocab_size=vocab, bos_token_id=ids["<|begin_of_text|>"],
+                       eos_token_id=ids["<|end_of_text|>"], pad_token_id=ids["<pad>"],
+                       tie_word_embeddings=False, **TEXT)
+    vision = CLIPVisionConfig(**VISION)
+    n_img = (VISION["image_size"] // VISION["patch_size"]) ** 2
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=ids["<image>"], image_seq_length=n_img,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         projector_hidden_act="gelu")
+    model = LlavaForConditionalGeneration(config)
+    # Like the real checkpoint: the config's text eos is <|end_of_text|>, not <|eot_id|>.
+    model.generation_config.eos_token_id = ids["<|end_of_text|>"]
+    model.generation_config.pad_token_id = ids["<pad>"]
+    size = VISION["image_size"]
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                               patch_size=VISION["patch_size"],
+                               vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+    return model, processor
+
+
+def pretrain_verbose(model, processor, examples, seed: int, **overrides) -> list[float]:
+    """Full training of the tiny model on (image, turns) pairs; returns the loss curve."""
+    import torch
+
+    from core.processor import collate, encode_conversation, length_grouped
+
+    cfg = {**PRETRAIN, **overrides}
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    encoded = [encode_conversation(processor, img, turns, max_length=cfg["max_length"])
+               for img, turns in examples]
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg["warmup"]) * max(0.05, 1 - s / cfg["steps"]))
+    model.train()
+    losses, step, t0 = [], 0, time.time()
+    while step < cfg["steps"]:
+        for batch_idx in length_grouped(encoded, cfg["batch_size"], rng):
+            batch = collate([encoded[i] for i in batch_idx], processor)
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+            step += 1
+            if step % 100 == 0:
+                log.info("demo pretraining step %d/%d loss %.3f (%.0f s)", step, cfg["steps"],
+                         sum(losses[-100:]) / 100, time.time() - t0)
+            if step >= cfg["steps"]:
+                break
+    model.eval()
+    return losses

@@ -1,0 +1,225 @@
+"""Load a LLaVA model for evaluation and training, generate answers, score options.
+
+The real model is ``deepvk/llava-saiga-8b``: a plain ``LlavaForConditionalGeneration`` (no
+remote code) whose chat template is the tokenizer's Llama-3 template. Generation stops on
+``<|eot_id|>``: the config's text eos is ``<|end_of_text|>``, and stopping only on that leaks
+"assistant" headers into answers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.exceptions import UserError
+from core.processor import IMAGE_PLACEHOLDER, image_token_count, user_message
+
+log = logging.getLogger(__name__)
+
+SAIGA_MODEL_ID = "deepvk/llava-saiga-8b"
+EOT_TOKEN = "<|eot_id|>"
+END_OF_TEXT = "<|end_of_text|>"
+
+
+@dataclass
+class LoadOptions:
+    """How to put the base model in memory (set by the GPU profile)."""
+
+    device: str = "cpu"
+    """torch device for the model ("cpu", "cuda")."""
+    dtype: str = "float32"
+    """float32 | float16 | bfloat16: weights of everything not quantized."""
+    load_in_4bit: bool = False
+    """NF4 4-bit language model (bitsandbytes), vision tower and projector left unquantized."""
+    attn_implementation: str = "sdpa"
+    """sdpa | eager | flash_attention_2."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class VLM:
+    """A loaded LLaVA with its processor; adapters can be attached and switched in place."""
+
+    def __init__(self, model, processor, source: str):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.source = source
+        self.adapters: dict[str, str] = {}
+        self.active_adapter: str | None = None
+        self.tokenizer.padding_side = "left"
+        self.stop_ids = [i for i in (self.tokenizer.convert_tokens_to_ids(EOT_TOKEN),
+                                     self.tokenizer.convert_tokens_to_ids(END_OF_TEXT))
+                         if i is not None and i != self.tokenizer.unk_token_id]
+        self.n_image_tokens = image_token_count(processor)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------ prompts
+
+    def chat_prompt(self, text: str, *, with_image: bool = True) -> str:
+        """The model's own chat template around one user turn, image part first."""
+        return self.tokenizer.apply_chat_template(
+            [user_message(text, with_image)], tokenize=False, add_generation_prompt=True)
+
+    def _inputs(self, prompts: list[str], images: list) -> dict:
+        out = self.processor(text=prompts, images=images, return_tensors="pt", padding=True,
+                             add_special_tokens=False)
+        return {k: v.to(self.device) for k, v in out.items()}
+
+    # ------------------------------------------------------------ generation
+
+    def generate(self, texts: list[str], images: list, *, max_new_tokens: int = 16,
+                 num_beams: int = 1, repetition_penalty: float = 1.0,
+                 stop_strings: list[str] | None = None) -> list[str]:
+        """Greedy (or beam) answers for a batch of user texts, one image each."""
+        import torch
+
+        prompts = [self.chat_prompt(t) for t in texts]
+        inputs = self._inputs(prompts, images)
+        with torch.inference_mode():
+            out = self.model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
+                repetition_penalty=repetition_penalty, eos_token_id=self.stop_ids,
+                pad_token_id=self.tokenizer.pad_token_id)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        answers = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        if stop_strings:
+            answers = [_cut(a, stop_strings) for a in answers]
+        return [a.strip() for a in answers]
+
+    def option_logprobs(self, texts: list[str], images: list,
+                        options: list[list[str]]) -> list[list[float]]:
+        """Mean log-probability per token of each option text as the assistant's answer.
+
+        One forward pass over every (prompt, option) pair of the batch; options end with
+        ``<|eot_id|>`` so that "синий" is not rewarded as a prefix of a longer answer.
+        """
+        import torch
+
+        pairs, owners = [], []
+        for i, (text, opts) in enumerate(zip(texts, options)):
+            prompt = self.chat_prompt(text)
+            for opt in opts:
+                pairs.append((prompt, opt + EOT_TOKEN, images[i]))
+                owners.append(i)
+        tok = self.tokenizer
+        full = [p + c for p, c, _ in pairs]
+        inputs = self._inputs(full, [img for _, _, img in pairs])
+        cont_lens = [len(tok(c, add_special_tokens=False)["input_ids"]) for _, c, _ in pairs]
+        with torch.inference_mode():
+            logits = self.model(**inputs).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        target = inputs["input_ids"][:, 1:]
+        token_lp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        scores: list[list[float]] = [[] for _ in texts]
+        for row, (owner, n) in enumerate(zip(owners, cont_lens)):
+            scores[owner].append(float(token_lp[row, -n:].mean()))
+        return scores
+
+    # ------------------------------------------------------------ adapters
+
+    def load_adapter(self, path: str | Path, name: str) -> None:
+        """Attach a LoRA adapter saved in PEFT format, without reloading the base."""
+        from peft import PeftModel
+
+        path = str(path)
+        if not (Path(path) / "adapter_config.json").exists():
+            raise UserError(f"no PEFT adapter at '{path}' (adapter_config.json is missing)")
+        if name in self.adapters:
+            return
+        if not self.adapters:
+            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+        else:
+            self.model.load_adapter(path, adapter_name=name)
+        self.adapters[name] = path
+        self.set_adapter(name)
+
+    def set_adapter(self, name: str | None) -> None:
+        """Switch to adapter ``name``, or to the bare base model with None."""
+        if name is None:
+            if self.adapters:
+                self.model.base_model.disable_adapter_layers()
+        else:
+            if name not in self.adapters:
+                raise UserError(f"unknown adapter '{name}'; loaded: {sorted(self.adapters)}")
+            self.model.base_model.enable_adapter_layers()
+            self.model.set_adapter(name)
+        self.active_adapter = name
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.adapters and name != self.active_adapter:
+            self.model.delete_adapter(name)
+            del self.adapters[name]
+
+
+def _cut(text: str, stops: list[str]) -> str:
+    cut = min((text.find(s) for s in stops if s in text), default=-1)
+    return text[:cut] if cut >= 0 else text
+
+
+def load_vlm(source: str | Path, *, options: LoadOptions | None = None,
+             adapter: str | Path | None = None) -> VLM:
+    """Load a LLaVA (hub id or local folder) and its processor; optionally attach an adapter."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    options = options or LoadOptions()
+    source = str(source)
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, options.dtype),
+                              "attn_implementation": options.attn_implementation,
+                              "trust_remote_code": False, **options.extra}
+    if options.load_in_4bit:
+        kwargs["quantization_config"] = nf4_config(options.dtype)
+        if options.device != "cpu":
+            kwargs["device_map"] = {"": options.device}
+    try:
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
+        model = LlavaForConditionalGeneration.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        raise UserError(_not_found(source, exc)) from None
+    if not options.load_in_4bit:
+        model.to(options.device)
+    model.eval()
+    log.info("loaded %s (%s, %s%s) on %s", source, type(model).__name__, options.dtype,
+             ", 4-bit NF4" if options.load_in_4bit else "", options.device)
+    vlm = VLM(model, processor, source)
+    if adapter is not None:
+        vlm.load_adapter(adapter, "adapter")
+    return vlm
+
+
+def nf4_config(compute_dtype: str):
+    """4-bit NF4 with double quantization; vision tower, projector and lm_head stay unquantized."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+        llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
+
+
+def _not_found(source: str, exc: Exception) -> str:
+    if Path(source).exists():
+        return f"'{source}' is not a LLaVA model folder ({exc})."
+    return (f"cannot load the model '{source}': it is not a local folder and the hub is not "
+            f"reachable from here. Download it where there is network "
+            f"(`huggingface-cli download {source} --local-dir DIR`) and pass `--model DIR`.")
+
+
+def blank_image(vlm: VLM):
+    """The stand-in for an absent or unreadable image (mid-grey, the processor's size)."""
+    from PIL import Image
+
+    from core.processor import _image_size
+
+    size = _image_size(vlm.processor)
+    return Image.new("RGB", (size, size), (128, 128, 128))
+
+
+__all__ = ["VLM", "LoadOptions", "load_vlm", "nf4_config", "blank_image", "SAIGA_MODEL_ID",
+           "IMAGE_PLACEHOLDER"]

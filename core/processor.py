@@ -1,0 +1,134 @@
+"""Turn conversations into LLaVA training inputs with the model's own chat template.
+
+Labels are -100 everywhere except the assistant's tokens, each assistant turn's
+``<|eot_id|>`` included, so the model learns to stop. Truncation never cuts image tokens:
+whole trailing turns are dropped first, then the last answer is shortened, and both are counted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    image: Any  # PIL image
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class EncodeStats:
+    """What encoding skipped or shortened, for the training report."""
+
+    counts: Counter = field(default_factory=Counter)
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+def user_message(text: str, with_image: bool) -> dict:
+    """A user turn in the template's format; the image part comes first, as in LLaVA."""
+    return {"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{text}" if with_image else text}
+
+
+def image_token_count(processor) -> int:
+    """How many ``<image>`` tokens the processor expands one image into."""
+    cached = getattr(processor, "_loop_image_tokens", None)
+    if cached is None:
+        from PIL import Image
+
+        size = _image_size(processor)
+        out = processor(text=IMAGE_PLACEHOLDER, images=Image.new("RGB", (size, size)),
+                        return_tensors="pt")
+        image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+        cached = int((out["input_ids"] == image_id).sum())
+        processor._loop_image_tokens = cached
+    return cached
+
+
+def _image_size(processor) -> int:
+    ip = processor.image_processor
+    crop = getattr(ip, "crop_size", None) or getattr(ip, "size", None) or {}
+    if isinstance(crop, dict):
+        return int(crop.get("height") or crop.get("shortest_edge") or 336)
+    return int(getattr(crop, "height", None) or getattr(crop, "shortest_edge", None) or 336)
+
+
+def encode_conversation(processor, image, turns: list[tuple[str, str]], *,
+                        max_length: int = 2048, stats: EncodeStats | None = None) -> Encoded:
+    """Encode ``turns`` [(user, assistant), ...] about one image.
+
+    The image placeholder goes in front of the first user turn. Each template segment is
+    tokenized on its own, which matches tokenizing the whole text because the template's
+    segment boundaries are special tokens.
+    """
+    tok = processor.tokenizer
+    n_img = image_token_count(processor)
+    messages: list[dict] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    rendered = ""
+    for i, (user, assistant) in enumerate(turns):
+        messages.append(user_message(user, with_image=i == 0))
+        prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        messages.append({"role": "assistant", "content": assistant})
+        full = tok.apply_chat_template(messages, tokenize=False)
+        user_part = prompt[len(rendered):].replace(IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER * n_img)
+        answer_part = full[len(prompt):]
+        rendered = full
+        u = tok(user_part, add_special_tokens=False)["input_ids"]
+        a = tok(answer_part, add_special_tokens=False)["input_ids"]
+        if len(ids) + len(u) + len(a) > max_length:
+            if i > 0:
+                _count(stats, "turns_dropped", len(turns) - i)
+                break
+            room = max_length - len(u)
+            if room < 2:
+                raise ValueError(f"the prompt alone has {len(u)} tokens, over max_length={max_length}")
+            a = a[:room]
+            _count(stats, "answers_shortened")
+        ids += u + a
+        labels += [IGNORE_INDEX] * len(u) + a
+    return Encoded(input_ids=ids, labels=labels, image=image)
+
+
+def _count(stats: EncodeStats | None, key: str, n: int = 1) -> None:
+    if stats is not None:
+        stats.counts[key] += n
+
+
+def collate(batch: list[Encoded], processor, pad_side: str = "right") -> dict:
+    """Pad a batch into tensors; pixel values through the processor's image processor."""
+    import torch
+
+    pad_id = processor.tokenizer.pad_token_id
+    width = max(len(e) for e in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, e in enumerate(batch):
+        n = len(e)
+        sl = slice(0, n) if pad_side == "right" else slice(width - n, width)
+        input_ids[row, sl] = torch.tensor(e.input_ids)
+        labels[row, sl] = torch.tensor(e.labels)
+        attention[row, sl] = 1
+    pixels = processor.image_processor([e.image for e in batch], return_tensors="pt")["pixel_values"]
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
+            "pixel_values": pixels}
+
+
+def length_grouped(encoded: list[Encoded], batch_size: int, rng) -> list[list[int]]:
+    """Batches of indices with similar lengths (less padding), in a shuffled order."""
+    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), rng.random()))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
