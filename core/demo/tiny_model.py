@@ -7,6 +7,8 @@ import logging
 import random
 import time
 
+from core.demo.scenes import COLORS
+
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
@@ -30,7 +32,8 @@ TEXT = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_att
             rope_theta=10000.0)
 VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
               image_size=48, patch_size=16, projection_dim=64)
-PRETRAIN = dict(steps=900, batch_size=32, lr=2e-3, warmup=60, max_length=160)
+PRETRAIN = dict(steps=700, batch_size=32, lr=2e-3, warmup=60, max_length=160)
+VISION_PRETRAIN = dict(steps=300, batch_size=64, lr=3e-3)
 
 
 def train_tokenizer(corpus: list[str]):
@@ -117,7 +120,7 @@ def pretrain_verbose(model, processor, examples, seed: int, **overrides) -> list
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             step += 1
             if step % 100 == 0:
                 log.info("demo pretraining step %d/%d loss %.3f (%.0f s)", step, cfg["steps"],
@@ -126,3 +129,56 @@ def pretrain_verbose(model, processor, examples, seed: int, **overrides) -> list
                 break
     model.eval()
     return losses
+
+
+def pretrain_vision(model, processor, images, seed: int, **overrides) -> float:
+    """Stage 0, standing in for CLIP pretraining: the vision tower learns what is in each cell.
+
+    A linear probe on the feature layer LLaVA uses (``vision_feature_layer``) predicts each
+    patch's colour class; afterwards the probe is thrown away. Returns the final probe accuracy.
+    """
+    import torch
+
+    cfg = {**VISION_PRETRAIN, **overrides}
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tower = model.model.vision_tower if hasattr(model, "model") else model.vision_tower
+    layer = model.config.vision_feature_layer
+    pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    labels = torch.tensor([patch_labels(img) for img in images])
+    probe = torch.nn.Linear(tower.config.hidden_size, 1 + len(COLORS))
+    # A second probe asks for the cell's column, so that "слева/справа" is easy to read off.
+    where = torch.nn.Linear(tower.config.hidden_size, 3)
+    columns = torch.arange(9).remainder(3)
+    params = [*tower.parameters(), *probe.parameters(), *where.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg["lr"])
+    tower.train()
+    acc = 0.0
+    for step in range(cfg["steps"]):
+        idx = torch.tensor(rng.sample(range(len(images)), min(cfg["batch_size"], len(images))))
+        hidden = tower(pixels[idx], output_hidden_states=True).hidden_states[layer][:, 1:]
+        logits = probe(hidden)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 labels[idx].reshape(-1))
+        col_logits = where(hidden).reshape(-1, 3)
+        loss = loss + torch.nn.functional.cross_entropy(
+            col_logits, columns.repeat(len(idx)))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        acc = float((logits.argmax(-1) == labels[idx]).float().mean())
+    log.info("demo vision pretraining: %d steps, cell accuracy %.3f", cfg["steps"], acc)
+    return acc
+
+def patch_labels(img) -> list[int]:
+    """Per-cell class of a demo image: 0 for background, 1.. for the palette colours."""
+    from core.demo.scenes import CELL, COLORS
+    palette = [rgb for rgb, _, _ in COLORS.values()]
+    labels = []
+    for row in range(3):
+        for col in range(3):
+            px = img.getpixel((col * CELL + CELL // 2, row * CELL + CELL // 2))
+            dists = [sum((a - b) ** 2 for a, b in zip(px, rgb)) for rgb in palette]
+            best = min(range(len(palette)), key=dists.__getitem__)
+            labels.append(best + 1 if dists[best] < 60 ** 2 else 0)
+    return labels

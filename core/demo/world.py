@@ -83,7 +83,12 @@ def ensure_demo_world(seed: int = 0, cache_dir: Path | None = None) -> DemoWorld
 
 
 def build_world(world: DemoWorld, seed: int) -> None:
-    from core.demo.tiny_model import build_tiny_llava, pretrain_verbose, train_tokenizer
+    from core.demo.tiny_model import (
+        build_tiny_llava,
+        pretrain_verbose,
+        pretrain_vision,
+        train_tokenizer,
+    )
 
     rng = random.Random(seed)
     train = _write_gqa(world.data_dir / "GQA-ru", rng)
@@ -92,6 +97,7 @@ def build_world(world: DemoWorld, seed: int) -> None:
     corpus = _corpus(train, mmb_train, instruct)
     tokenizer = train_tokenizer(corpus)
     model, processor = build_tiny_llava(tokenizer, seed)
+    pretrain_vision(model, processor, [img for img, _ in train[::4]], seed)
     pretrain_verbose(model, processor, _pretrain_examples(train, mmb_train, instruct, rng), seed)
     model.save_pretrained(world.model_dir)
     processor.save_pretrained(world.model_dir)

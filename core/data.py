@@ -1,0 +1,244 @@
+"""Load GQA-ru, MMBench-ru and LLaVA-Instruct-ru from the hub or from local folders.
+
+Every loader takes the hub id (``deepvk/GQA-ru`` ...) or a local folder with the same layout
+(the demo writes such folders). Records keep the dataset's own columns and gain ``id``,
+``benchmark`` and a lazy image: ``load_image(example)`` returns ``(PIL image | None, image_ok)``,
+so that an absent or unreadable image is counted, never a crash. Each record is validated
+against a JSON Schema in ``core/schemas``; a bad one raises ``DataError`` naming the file or
+config, the row and the field.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from core.exceptions import DataError, UserError
+
+log = logging.getLogger(__name__)
+
+GQA_ID = "deepvk/GQA-ru"
+MMBENCH_ID = "deepvk/MMBench-ru"
+INSTRUCT_ID = "deepvk/LLaVA-Instruct-ru"
+INSTRUCT_FILES = {"train": "llava_instruct_ru_train.json", "val": "llava_instruct_ru_val.json"}
+LOCAL_NAMES = {GQA_ID: "GQA-ru", MMBENCH_ID: "MMBench-ru", INSTRUCT_ID: "LLaVA-Instruct-ru"}
+SCHEMA_DIR = Path(__file__).parent / "schemas"
+
+
+@dataclass(frozen=True)
+class DataSources:
+    """Where each dataset comes from: a hub id or a local folder."""
+
+    gqa: str = GQA_ID
+    mmbench: str = MMBENCH_ID
+    instruct: str = INSTRUCT_ID
+    coco_dir: str | None = None
+
+    @classmethod
+    def from_dir(cls, data_dir: str | Path, coco_dir: str | Path | None = None) -> DataSources:
+        root = Path(data_dir)
+        if not root.is_dir():
+            raise UserError(f"--data-dir '{data_dir}' is not a folder")
+        return cls(**{field: str(root / LOCAL_NAMES[hub]) for field, hub in
+                      (("gqa", GQA_ID), ("mmbench", MMBENCH_ID), ("instruct", INSTRUCT_ID))},
+                   coco_dir=str(coco_dir) if coco_dir else None)
+
+
+# ---------------------------------------------------------------- validation
+
+
+@cache
+def _validator(name: str):
+    from jsonschema import Draft202012Validator
+
+    schema = json.loads((SCHEMA_DIR / name).read_text(encoding="utf-8"))
+    return Draft202012Validator(schema)
+
+
+def validate(record: dict, schema: str, where: str, row: int) -> None:
+    """Raise DataError naming ``where``, the row and the field if ``record`` is invalid."""
+    errors = sorted(_validator(schema).iter_errors(record), key=lambda e: list(e.path))
+    if errors:
+        e = errors[0]
+        field = ".".join(str(p) for p in e.path) or (
+            e.message.split("'")[1] if e.validator == "required" else "<record>")
+        raise DataError(f"{where}, row {row}, field '{field}': {e.message}")
+
+
+def is_missing(value: Any) -> bool:
+    """None, NaN and the string "nan" all mean "no value" in the MMBench files."""
+    return (value is None or (isinstance(value, float) and math.isnan(value))
+            or (isinstance(value, str) and value.strip().lower() in ("", "nan")))
+
+
+# ---------------------------------------------------------------- images
+
+
+def to_rgb(value: Any):
+    """Decode an image value (PIL, bytes, {'bytes','path'} or a path) to RGB, EXIF-upright."""
+    from PIL import Image, ImageOps
+
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, bytes | bytearray):
+        value = Image.open(io.BytesIO(value))
+    elif isinstance(value, str | Path):
+        value = Image.open(value)
+    value.load()
+    value = ImageOps.exif_transpose(value)
+    if value.mode in ("RGBA", "LA", "P"):
+        rgba = value.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.split()[-1])
+        return background
+    return value.convert("RGB")
+
+
+def load_image(example: dict):
+    """``(image, True)``, or ``(None, False)`` when the image is absent or unreadable."""
+    loader: Callable[[], Any] | None = example.get("_image")
+    if loader is None:
+        return None, False
+    try:
+        raw = loader()
+        if raw is None:
+            return None, False
+        return to_rgb(raw), True
+    except Exception as exc:  # any decoding failure is a missing image, counted by the caller
+        log.debug("image of %s unreadable: %s", example.get("id"), exc)
+        return None, False
+
+
+# ---------------------------------------------------------------- hub or folder
+
+
+def _load_hf(source: str, config: str | None, split: str):
+    import datasets
+
+    local = Path(source).is_dir()
+    try:
+        if local:
+            return datasets.load_dataset(source, config, split=split)
+        return datasets.load_dataset(source, config, split=split)
+    except Exception as exc:
+        if local:
+            raise DataError(f"cannot read '{source}' (config {config}, split {split}): {exc}") from None
+        raise UserError(
+            f"cannot load the dataset '{source}' (config {config}, split {split}): it is not a "
+            f"local folder and the hub is not reachable ({type(exc).__name__}). Download it where "
+            f"there is network (`huggingface-cli download {source} --repo-type dataset "
+            f"--local-dir DIR/{LOCAL_NAMES.get(source, source.split('/')[-1])}`) and pass "
+            f"`--data-dir DIR`.") from None
+
+
+def load_gqa(source: str = GQA_ID, split: str = "testdev") -> list[dict]:
+    """GQA-ru questions of ``split`` ("testdev" or "train"), joined with their images."""
+    qconfig, iconfig = f"{split}_balanced_instructions", f"{split}_balanced_images"
+    questions = _load_hf(source, qconfig, split)
+    images = _load_hf(source, iconfig, split)
+    where = f"{source} [{qconfig}]"
+    row_of = {image_id: i for i, image_id in enumerate(images["id"])}
+    image_col = images.select_columns(["image"])
+
+    def loader(i: int | None):
+        return (lambda: None) if i is None else (lambda: image_col[i]["image"])
+
+    records = []
+    for i, rec in enumerate(questions.to_list()):
+        validate(rec, "gqa_question.schema.json", where, i)
+        rec["id"] = str(rec["id"])
+        rec["benchmark"] = "gqa_ru"
+        rec["_image"] = loader(row_of.get(rec["imageId"]))
+        records.append(rec)
+    log.info("GQA-ru %s: %d questions on %d images from %s", split, len(records), len(row_of), source)
+    return records
+
+
+def load_mmbench(source: str = MMBENCH_ID, split: str = "dev") -> list[dict]:
+    """MMBench-ru rows with an ``options`` dict (missing options dropped) and the image."""
+    ds = _load_hf(source, None, split)
+    where = f"{source} [split {split}]"
+    image_col = ds.select_columns(["image"]) if "image" in ds.column_names else None
+    table = ds.remove_columns(["image"]) if image_col is not None else ds
+    records = []
+    for i, rec in enumerate(table.to_list()):
+        validate(rec, "mmbench_row.schema.json", where, i)
+        options = {k: str(rec[k]).strip() for k in "ABCD" if not is_missing(rec.get(k))}
+        if len(options) < 2:
+            raise DataError(f"{where}, row {i}, field 'A'..'D': fewer than two options")
+        if rec["answer"] not in options:
+            raise DataError(f"{where}, row {i}, field 'answer': '{rec['answer']}' is not one of "
+                            f"the options {sorted(options)}")
+        rec["hint"] = None if is_missing(rec.get("hint")) else str(rec["hint"]).strip()
+        rec["options"] = options
+        rec["id"] = str(rec["index"])
+        rec["benchmark"] = "mmbench_ru"
+        rec["_image"] = (lambda j=i: image_col[j]["image"]) if image_col is not None else (lambda: None)
+        records.append(rec)
+    log.info("MMBench-ru %s: %d rows from %s", split, len(records), source)
+    return records
+
+
+def load_llava_instruct(source: str = INSTRUCT_ID, coco_dir: str | None = None,
+                        part: str = "train") -> list[dict]:
+    """LLaVA-Instruct-ru conversations; images come from the user's COCO folder."""
+    path = _instruct_file(source, part)
+    try:
+        rows = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: expected a JSON list of records")
+    coco = Path(coco_dir) if coco_dir else None
+    records = []
+    for i, rec in enumerate(rows):
+        validate(rec, "llava_instruct.schema.json", str(path), i)
+        rec["id"] = str(rec["id"])
+        image = rec.get("image")
+        rec["_image"] = _coco_loader(coco, image)
+        records.append(rec)
+    if coco is None:
+        log.warning("no --coco-dir: the %d LLaVA-Instruct-ru conversations have no images and "
+                    "will be skipped for training", len(records))
+    return records
+
+
+def _coco_loader(coco: Path | None, image: str | None):
+    if coco is None or not image:
+        return lambda: None
+    candidates = [coco / image, coco / Path(image).name]
+    return lambda: next((p for p in candidates if p.exists()), candidates[0])
+
+
+def _instruct_file(source: str, part: str) -> str:
+    name = INSTRUCT_FILES[part]
+    if Path(source).is_dir():
+        path = Path(source) / name
+        if not path.exists():
+            raise UserError(f"'{path}' does not exist: the LLaVA-Instruct-ru folder must hold {name}")
+        return str(path)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(source, name, repo_type="dataset")
+    except Exception as exc:
+        raise UserError(
+            f"cannot load '{name}' of the dataset '{source}': the hub is not reachable "
+            f"({type(exc).__name__}). Download it where there is network and pass "
+            f"`--data-dir DIR` with DIR/LLaVA-Instruct-ru/{name}.") from None
+
+
+def load_benchmark(benchmark: str, sources: DataSources) -> list[dict]:
+    """All evaluation records of a benchmark: GQA-ru testdev or MMBench-ru dev."""
+    if benchmark == "gqa_ru":
+        return load_gqa(sources.gqa, "testdev")
+    if benchmark == "mmbench_ru":
+        return load_mmbench(sources.mmbench, "dev")
+    raise UserError(f"--benchmark must be one of gqa_ru, mmbench_ru, but got '{benchmark}'")

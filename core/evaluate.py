@@ -1,0 +1,234 @@
+"""Evaluate a loaded VLM on GQA-ru or MMBench-ru, scored as the field scores them.
+
+GQA-ru: lmms-eval's ``gqa-ru`` prompt, greedy, ``max_new_tokens=16``, exact match after
+lowercasing and deleting ASCII punctuation (``accuracy``: comparable to the published 51.44),
+plus a Russian-aware exact match (``accuracy_normalized``).
+
+MMBench-ru: lmms-eval's ``mmbench_ru_dev`` prompt, greedy, the letter extracted by rules
+(never a judge); circular accuracy over the rotated copies is the headline (comparable to
+56.65), per-row and per-category accuracy beside it. Unparseable answers are wrong (lmms-eval
+draws a random letter there). A second protocol, ``likelihood``, ranks the option *texts* by the
+model's length-normalised log-likelihood and needs no generation; it is reported as its own
+protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+from core.data import load_image
+from core.errors import classify
+from core.metrics import accuracy, circular_accuracy, extract_choice, gqa_match, wilson_interval
+
+log = logging.getLogger(__name__)
+
+GQA_INSTRUCTION = "Ответь одним словом."
+MMB_OPTION_HEADER = " There are several options:"
+MMB_INSTRUCTION = "Выбери правильный вариант ответа буквой."
+MODES = ("generate", "likelihood")
+
+
+@dataclass
+class EvalConfig:
+    """Prompt and decoding of one benchmark: the things prompt and generation remedies change."""
+
+    instruction: str | None = None
+    """The line after the question; None means the lmms-eval instruction of the benchmark."""
+    option_header: str = MMB_OPTION_HEADER
+    """MMBench-ru: the text between the question and the options (lmms-eval's is English)."""
+    max_new_tokens: int | None = None
+    """None: 16 for GQA-ru (lmms-eval), 64 for MMBench-ru (enough for a letter and a reason)."""
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+    stop_strings: list[str] = field(default_factory=list)
+    """Cut the answer at the first of these strings (e.g. "\\n", ".")."""
+    mode: str = "generate"
+    """generate | likelihood (MMBench-ru only: rank option texts, no generation)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.mode not in MODES:
+            problems.append(f"mode must be one of {MODES}, but got '{self.mode}'")
+        if self.num_beams < 1:
+            problems.append(f"num_beams must be >= 1, but got {self.num_beams}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be >= 1, but got {self.max_new_tokens}")
+        if self.repetition_penalty <= 0:
+            problems.append(f"repetition_penalty must be > 0, but got {self.repetition_penalty}")
+        if problems:
+            raise ValueError("invalid EvalConfig: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def protocol(self, benchmark: str) -> str:
+        """A short name of the scoring protocol, shown next to every number."""
+        if benchmark == "mmbench_ru" and self.mode == "likelihood":
+            return "mmbench-ru option-text likelihood (circular by construction)"
+        lmms = (self.instruction is None and self.num_beams == 1 and self.repetition_penalty == 1.0
+                and not self.stop_strings and self.max_new_tokens in (None, _default_max(benchmark))
+                and self.option_header == MMB_OPTION_HEADER)
+        name = "gqa-ru exact match" if benchmark == "gqa_ru" else "mmbench-ru circular, rule-parsed letter"
+        return f"{name} ({'lmms-eval prompt and decoding' if lmms else 'changed prompt/decoding'})"
+
+
+def _default_max(benchmark: str) -> int:
+    return 16 if benchmark == "gqa_ru" else 64
+
+
+def build_prompt(example: dict, config: EvalConfig) -> str:
+    """The user text for one example (the chat template and image part are added by the VLM)."""
+    if example["benchmark"] == "gqa_ru":
+        return f"{example['question']}\n{config.instruction or GQA_INSTRUCTION}"
+    head = f"{example['hint']} {example['question']}" if example.get("hint") else example["question"]
+    if config.mode == "likelihood":
+        return f"{head}\n{config.instruction or GQA_INSTRUCTION}"
+    options = "\n".join(f"{k}. {v}" for k, v in example["options"].items())
+    return f"{head}{config.option_header}\n{options}\n{config.instruction or MMB_INSTRUCTION}"
+
+
+@dataclass
+class EvalResult:
+    benchmark: str
+    protocol: str
+    config: dict
+    metrics: dict
+    samples: list[dict]
+    seconds: float
+
+    @property
+    def accuracy(self) -> float:
+        return self.metrics["accuracy"]
+
+    @property
+    def n(self) -> int:
+        return self.metrics["n"]
+
+    def correct(self) -> list[bool]:
+        return [s["correct"] for s in self.samples]
+
+    def to_dict(self, with_samples: bool = False) -> dict:
+        out = {"benchmark": self.benchmark, "protocol": self.protocol, "config": self.config,
+               **self.metrics, "seconds": round(self.seconds, 3)}
+        if with_samples:
+            out["samples"] = self.samples
+        return out
+
+
+def evaluate(vlm, examples: list[dict], config: EvalConfig | None = None, *,
+             batch_size: int = 16, progress: bool = True) -> EvalResult:
+    """Answer every example in length-grouped batches and score the answers."""
+    from tqdm.auto import tqdm
+
+    config = config or EvalConfig()
+    if not examples:
+        raise ValueError("nothing to evaluate: the example list is empty")
+    benchmark = examples[0]["benchmark"]
+    if config.mode == "likelihood" and benchmark != "mmbench_ru":
+        raise ValueError("mode='likelihood' is a MMBench-ru protocol; GQA-ru answers are open")
+    max_new = config.max_new_tokens or _default_max(benchmark)
+    prompts = [build_prompt(ex, config) for ex in examples]
+    order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
+    samples: list[dict | None] = [None] * len(examples)
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(examples), desc=f"eval {benchmark}", unit="q", disable=not progress,
+               leave=False)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        images, oks = [], []
+        for i in idx:
+            img, ok = load_image(examples[i])
+            images.append(img if ok else _blank(vlm))
+            oks.append(ok)
+        tb = time.perf_counter()
+        if config.mode == "likelihood":
+            opts = [list(examples[i]["options"].values()) for i in idx]
+            scores = vlm.option_logprobs([prompts[i] for i in idx], images, opts)
+            letters = [list(examples[i]["options"])[max(range(len(s)), key=s.__getitem__)]
+                       for i, s in zip(idx, scores)]
+            outputs = [examples[i]["options"][letter] for i, letter in zip(idx, letters)]
+        else:
+            outputs = vlm.generate([prompts[i] for i in idx], images, max_new_tokens=max_new,
+                                   num_beams=config.num_beams,
+                                   repetition_penalty=config.repetition_penalty,
+                                   stop_strings=config.stop_strings or None)
+            letters = [None] * len(idx)
+        per = (time.perf_counter() - tb) / len(idx)
+        for i, out, letter, ok in zip(idx, outputs, letters, oks):
+            samples[i] = _score(examples[i], prompts[i], out, letter, ok, per)
+        bar.update(len(idx))
+    bar.close()
+    seconds = time.perf_counter() - t0
+    done = [s for s in samples if s is not None]
+    metrics = summarize(benchmark, done)
+    metrics["samples_per_s"] = round(len(done) / seconds, 3) if seconds > 0 else None
+    return EvalResult(benchmark=benchmark, protocol=config.protocol(benchmark),
+                      config=config.to_dict(), metrics=metrics, samples=done, seconds=seconds)
+
+
+def _blank(vlm):
+    from core.model import blank_image
+
+    return blank_image(vlm)
+
+
+def _score(example: dict, prompt: str, output: str, letter: str | None, image_ok: bool,
+           seconds: float) -> dict:
+    if example["benchmark"] == "gqa_ru":
+        parsed = output
+        correct = gqa_match(output, example["answer"], mode="lmms")
+        extra = {"correct_normalized": gqa_match(output, example["answer"], mode="normalized"),
+                 "category": (example.get("types") or {}).get("detailed")}
+    else:
+        parsed = letter or extract_choice(output, example["options"])
+        correct = parsed == example["answer"]
+        extra = {"index": int(example["index"]), "n_options": len(example["options"]),
+                 "category": example.get("category")}
+    prediction = output if letter is None else letter
+    labels = sorted(classify(example["benchmark"], _public(example), prediction,
+                             image_ok=image_ok)) if not correct else []
+    return {"sample_id": example["id"], "question": example["question"],
+            "answer": example["answer"], "prompt": prompt, "output": output, "parsed": parsed,
+            "correct": bool(correct), "image_ok": image_ok, "seconds": round(seconds, 5),
+            "labels": labels, **extra}
+
+
+def _public(example: dict) -> dict:
+    return {k: v for k, v in example.items() if not k.startswith("_")}
+
+
+def summarize(benchmark: str, samples: list[dict]) -> dict:
+    """Headline ``accuracy`` with n and a 95% Wilson interval, plus the breakdowns."""
+    n_missing = sum(not s["image_ok"] for s in samples)
+    if benchmark == "gqa_ru":
+        head = accuracy([s["correct"] for s in samples])
+        norm = accuracy([s["correct_normalized"] for s in samples])
+        return {"accuracy": head.value, "n": head.n, "ci": [head.low, head.high],
+                "accuracy_normalized": norm.value, "ci_normalized": [norm.low, norm.high],
+                "per_category": _per_category(samples), "images_missing": n_missing}
+    circ = circular_accuracy(samples)
+    k = round(circ["circular"] * circ["n_groups"])
+    low, high = wilson_interval(k, circ["n_groups"])
+    row = accuracy([s["correct"] for s in samples])
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for s in samples:
+        groups[s["category"]].append(s)
+    per_cat = {c: {"circular": circular_accuracy(rows)["circular"],
+                   "per_row": sum(r["correct"] for r in rows) / len(rows),
+                   "n_groups": circular_accuracy(rows)["n_groups"], "n_rows": len(rows)}
+               for c, rows in sorted(groups.items())}
+    return {"accuracy": circ["circular"], "n": circ["n_groups"], "ci": [low, high],
+            "per_row": row.value, "n_rows": row.n, "ci_per_row": [row.low, row.high],
+            "unparseable": sum(s["parsed"] is None for s in samples),
+            "incomplete_groups": circ["incomplete_groups"], "per_category": per_cat,
+            "images_missing": n_missing}
+
+
+def _per_category(samples: list[dict]) -> dict:
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for s in samples:
+        groups[str(s.get("category"))].append(s["correct"])
+    return {c: {"accuracy": sum(v) / len(v), "n": len(v)} for c, v in sorted(groups.items())}

@@ -1,0 +1,123 @@
+"""``python -m loop eval``: evaluate the base model or an adapter on one benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from loop.commands._common import (
+    BENCHMARKS,
+    GPU_PROFILES,
+    add_db_arg,
+    add_json_arg,
+    add_source_args,
+    format_table,
+    print_json,
+)
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate on GQA-ru or MMBench-ru (dev or final split)",
+                       description="Evaluate the base model, or the base with a LoRA adapter, "
+                       "on a fixed split, scored as lmms-eval scores it, with n and 95% intervals.")
+    p.add_argument("--benchmark", required=True, choices=BENCHMARKS)
+    p.add_argument("--adapter", metavar="ID|PATH",
+                   help="a LoRA adapter: its id in the database or a PEFT folder")
+    p.add_argument("--split", choices=("dev", "final", "all"), default="dev",
+                   help="dev (decisions), final (held out), all (the whole benchmark)")
+    p.add_argument("--limit", type=int, metavar="N",
+                   help="a fixed stratified subset of about N questions of the split")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N")
+    p.add_argument("--mode", choices=("generate", "likelihood"), default="generate",
+                   help="MMBench-ru only: likelihood ranks the option texts (its own protocol)")
+    p.add_argument("--gpu", choices=GPU_PROFILES, default="auto", help="GPU profile (default auto)")
+    p.add_argument("--show", type=int, default=0, metavar="K",
+                   help="also print K example answers")
+    add_source_args(p)
+    add_db_arg(p)
+    add_json_arg(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from core.exceptions import UserError
+
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be a positive number of questions, but got {args.limit}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, but got {args.batch_size}")
+    if args.mode == "likelihood" and args.benchmark != "mmbench_ru":
+        raise UserError("--mode likelihood applies to --benchmark mmbench_ru only")
+
+    from core.data import load_benchmark
+    from core.evaluate import EvalConfig, evaluate
+    from core.splits import make_splits, stratified_subset
+    from loop.runtime import load_model_for
+    from loop.sources import sources_from_args
+
+    sources = sources_from_args(args)
+    examples = load_benchmark(args.benchmark, sources.data)
+    if args.split != "all":
+        examples = make_splits(examples, seed=args.seed)[args.split]
+    if args.limit:
+        examples = stratified_subset(examples, args.limit, seed=args.seed)
+    vlm = load_model_for(sources.model, args.gpu, adapter=_adapter_path(args))
+    result = evaluate(vlm, examples, EvalConfig(mode=args.mode), batch_size=args.batch_size,
+                      progress=not args.quiet and not args.json)
+    out = {"benchmark": args.benchmark, "split": args.split, "model": sources.model,
+           "adapter": args.adapter, **result.to_dict()}
+    if args.json:
+        print_json(out)
+    else:
+        print(render(out))
+        for s in result.samples[: args.show]:
+            mark = "+" if s["correct"] else "-"
+            print(f"{mark} {s['question']} | gold: {s['answer']} | model: {s['output']!r}")
+    return 0
+
+
+def _adapter_path(args) -> str | None:
+    if args.adapter is None or not args.adapter.isdigit():
+        return args.adapter
+    from loop.store import Store
+
+    with Store.open_existing(args.db) as store:
+        return store.adapter(int(args.adapter))["path"]
+
+
+def pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def ci(pair) -> str:
+    return f"[{pct(pair[0])}, {pct(pair[1])}]"
+
+
+def render(out: dict) -> str:
+    """The result as a table for people."""
+    head = [["benchmark", out["benchmark"]], ["split", out["split"]],
+            ["protocol", out["protocol"]], ["model", out["model"]]]
+    if out.get("adapter"):
+        head.append(["adapter", out["adapter"]])
+    rows = []
+    if out["benchmark"] == "gqa_ru":
+        rows.append(["exact match (lmms)", pct(out["accuracy"]), ci(out["ci"]), out["n"]])
+        rows.append(["exact match (normalized)", pct(out["accuracy_normalized"]),
+                     ci(out["ci_normalized"]), out["n"]])
+        cats = [[c, pct(v["accuracy"]), "", v["n"]] for c, v in out["per_category"].items()]
+    else:
+        rows.append(["circular accuracy", pct(out["accuracy"]), ci(out["ci"]), out["n"]])
+        rows.append(["per-row accuracy", pct(out["per_row"]), ci(out["ci_per_row"]), out["n_rows"]])
+        cats = [[c, pct(v["circular"]), f"per row {pct(v['per_row'])}", v["n_groups"]]
+                for c, v in out["per_category"].items()]
+    lines = [format_table(["", ""], head).split("\n", 2)[-1], "",
+             format_table(["metric", "%", "95% CI", "n"], rows), "",
+             format_table(["category", "%", "", "n"], cats), "",
+             f"{out['samples_per_s']} samples/s, {out['seconds']:.1f} s; images missing: "
+             f"{out['images_missing']}"]
+    if out["benchmark"] == "mmbench_ru":
+        lines.append(f"unparseable answers (counted wrong): {out['unparseable']}; "
+                     f"incomplete rotation groups: {out['incomplete_groups']}")
+    return "\n".join(lines)

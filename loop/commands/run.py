@@ -1,0 +1,66 @@
+"""``python -m loop run``: improve the model within a wall-clock budget."""
+
+from __future__ import annotations
+
+import argparse
+
+from loop.commands._common import GPU_PROFILES, add_db_arg, add_source_args
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("run", help="run the improvement loop within a budget",
+                       description="Evaluate, diagnose, retrain and keep what a paired test says "
+                       "is better, until the budget (minus the reserve for the final evaluation "
+                       "on the held-out split) is spent. Everything is recorded in the database.")
+    p.add_argument("--budget", required=True, metavar="DURATION",
+                   help="wall-clock budget, everything included: 6h, 90m, 1h30m, 300s")
+    p.add_argument("--gpu", choices=GPU_PROFILES, default="auto",
+                   help="GPU profile: t4 (16 GB, fp16, 4-bit), a100/h100 (bf16), cpu, auto")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the latest unfinished run in the database")
+    p.add_argument("--reserve", type=float, default=0.2, metavar="FRACTION",
+                   help="share of the budget kept for the final evaluation (default 0.2)")
+    p.add_argument("--max-cycles", type=int, metavar="N", help="stop after N cycles")
+    p.add_argument("--dev-size", type=int, metavar="N",
+                   help="dev questions per benchmark per evaluation (default: from the cost model)")
+    p.add_argument("--final-size", type=int, metavar="N",
+                   help="final questions per benchmark (default: what fits in the reserve)")
+    p.add_argument("--strategies", metavar="NAMES",
+                   help="comma-separated strategies to allow (default: all registered)")
+    p.add_argument("--batch-size", type=int, metavar="N",
+                   help="evaluation batch size (default: the GPU profile's)")
+    p.add_argument("--workdir", default="runs", metavar="DIR",
+                   help="where adapters and SFT data go (default: ./runs)")
+    add_source_args(p)
+    add_db_arg(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import strategies
+    from core.exceptions import UserError
+    from loop.budget import parse_duration
+    from loop.controller import Loop, RunConfig
+    from loop.store import Store
+
+    names = strategies.names()
+    if args.strategies:
+        names = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    if args.max_cycles is not None and args.max_cycles < 0:
+        raise UserError(f"--max-cycles must be >= 0, but got {args.max_cycles}")
+    config = RunConfig(budget_s=parse_duration(args.budget), gpu=args.gpu, preset=args.preset,
+                       model=args.model, data_dir=args.data_dir, coco_dir=args.coco_dir,
+                       seed=args.seed, reserve_fraction=args.reserve, max_cycles=args.max_cycles,
+                       dev_size=args.dev_size, final_size=args.final_size,
+                       batch_size=args.batch_size, workdir=args.workdir, strategies=names,
+                       progress=not args.quiet)
+    store = Store(args.db)
+    try:
+        run_id = Loop(config, store, resume=args.resume).run()
+    finally:
+        store.close()
+    run_row = Store(args.db).get_run(run_id)
+    if run_row.get("report_path"):
+        print(f"report: {run_row['report_path']}")
+    print(f"see `python -m loop log --db {args.db}` and `python -m loop show CYCLE`")
+    return 0

@@ -1,0 +1,422 @@
+"""The loop, as a recipe: baseline → (diagnose → choose → propose → evaluate → judge → record)*
+→ final evaluation on the held-out split → report.
+
+Every step is recorded in ``experiments.db`` inside one transaction with the step's marker, so
+a run killed at any moment resumes with ``--resume``: finished steps are read back, a half-done
+step is marked failed and redone, nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import strategies
+from core.exceptions import UserError
+from core.metrics import is_better, paired_test, paired_test_grouped
+from loop.budget import Budget, CostModel, fmt_s, priors
+from loop.policy import choose
+from loop.workbench import Scored, Workbench
+from strategies.base import BENCHMARKS, Candidate, Context, Exhausted, base_candidate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunConfig:
+    """Everything ``loop run`` was asked to do; stored as JSON on the run."""
+
+    budget_s: float
+    """Wall-clock budget in seconds, everything included."""
+    gpu: str = "auto"
+    """GPU profile: auto | t4 | a100 | h100 | cpu."""
+    preset: str = "saiga"
+    """saiga (the real model and data) | demo (the embedded tiny world)."""
+    model: str | None = None
+    data_dir: str | None = None
+    coco_dir: str | None = None
+    seed: int = 0
+    """Seed of the splits, the subsets, the SFT data and training."""
+    reserve_fraction: float = 0.2
+    """Share of the budget kept from the start for the final evaluation and the report."""
+    alpha: float = 0.05
+    """Significance level of the paired tests that accept a candidate."""
+    max_cycles: int | None = None
+    dev_size: int | None = None
+    """Dev questions per benchmark per evaluation; None lets the cost model pick."""
+    final_size: int | None = None
+    """Final questions per benchmark; None fits them into the reserve."""
+    batch_size: int | None = None
+    """Evaluation batch size; None takes the GPU profile's."""
+    workdir: str = "runs"
+    """Where adapters and SFT data of each run go (runs/run-<id>/...)."""
+    strategies: list[str] = field(default_factory=lambda: strategies.names())
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.budget_s <= 0:
+            problems.append(f"budget_s must be positive, got {self.budget_s}")
+        if not 0 <= self.reserve_fraction < 0.9:
+            problems.append(f"reserve_fraction must be in [0, 0.9), got {self.reserve_fraction}")
+        if not 0 < self.alpha < 0.5:
+            problems.append(f"alpha must be in (0, 0.5), got {self.alpha}")
+        unknown = [s for s in self.strategies if s not in strategies.REGISTRY]
+        if unknown:
+            problems.append(f"unknown strategies {unknown}; valid: {strategies.names()}")
+        if problems:
+            raise UserError("invalid run configuration: " + "; ".join(problems))
+
+
+class Loop:
+    """One run of the loop. ``Loop(config, store).run()`` returns the run id."""
+
+    def __init__(self, config: RunConfig, store, *, resume: bool = False, echo=None):
+        self.config, self.store, self.resume = config, store, resume
+        self.echo = echo or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.history: list[dict] = []
+        self.exhausted: set[str] = set()
+
+    # ------------------------------------------------------------ the recipe
+
+    def run(self) -> int:
+        self.start()
+        try:
+            self.set_up()
+            champion, scores = self.baseline()
+            while (choice := self.choose_next(champion, scores)) is not None:
+                champion, scores = self.cycle(choice, champion, scores)
+            self.final(champion)
+            self.finish("finished")
+        except KeyboardInterrupt:
+            self.finish("interrupted")
+            raise
+        except BaseException as exc:
+            self.finish("failed", error=f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            self.store.release_run_lock()
+        return self.run_id
+
+    # ------------------------------------------------------------ steps
+
+    def start(self) -> None:
+        """Create the run (or pick up the one to resume) and take the database's run lock."""
+        from loop.environment import environment
+
+        cfg = self.config
+        if self.resume:
+            run = self.store.latest_run()
+            if run is None or run["status"] == "finished":
+                raise UserError("nothing to resume: the latest run in this database is "
+                                f"{'finished' if run else 'absent'}; start one with `loop run`")
+            self.run_id = run["id"]
+            self.store.acquire_run_lock(self.run_id)
+            failed = self.store.mark_unfinished_failed(self.run_id)
+            self.store.update_run(self.run_id, status="running")
+            spent = float(run.get("spent_s") or 0.0)
+            self.echo(f"resuming run {self.run_id}: {fmt_s(spent)} of {fmt_s(cfg.budget_s)} spent"
+                      f"{f', {failed} half-done step redone' if failed else ''}")
+        else:
+            self.run_id = self.store.create_run(config=asdict(cfg), environment=environment(cfg),
+                                                budget_s=cfg.budget_s, preset=cfg.preset,
+                                                gpu=cfg.gpu)
+            self.store.acquire_run_lock(self.run_id)
+            spent = 0.0
+        self.budget = Budget(cfg.budget_s, cfg.reserve_fraction, spent_before=spent)
+
+    def set_up(self) -> None:
+        """Load the base model once, load the data, build the fixed splits and subsets."""
+        from core.device import resolve_profile
+        from core.model import load_vlm
+        from loop.environment import model_fingerprint
+        from loop.sources import resolve_sources
+
+        cfg = self.config
+        sources = resolve_sources(cfg.preset, cfg.model, cfg.data_dir, cfg.coco_dir, cfg.seed)
+        profile = resolve_profile(cfg.gpu)
+        profile.log_reasons()
+        costs = CostModel(priors(cfg.preset, profile.name))
+        t0 = time.time()
+        vlm = load_vlm(sources.model, options=profile.load_options())
+        workdir = Path(cfg.workdir) / f"run-{self.run_id}"
+        self.bench = Workbench(store=self.store, run_id=self.run_id, vlm=vlm, profile=profile,
+                               sources=sources, budget=self.budget, costs=costs, seed=cfg.seed,
+                               workdir=workdir, batch_size=cfg.batch_size or profile.eval_batch_size,
+                               progress=cfg.progress)
+        sizes = self.bench.load_data(cfg.dev_size, cfg.final_size)
+        self.echo(f"run {self.run_id}: {sources.model} on {profile.name}, loaded in "
+                  f"{time.time() - t0:.0f} s; dev subsets "
+                  + ", ".join(f"{b} {s['dev_subset']}/{s['dev']}" for b, s in sizes.items())
+                  + "; final " + ", ".join(f"{b} {s['final_subset']}/{s['final']}"
+                                           for b, s in sizes.items()))
+        self.store.update_run(self.run_id, environment={
+            **(self.store.get_run(self.run_id).get("environment") or {}),
+            "data_fingerprint": self.bench.data_fingerprint(), "sizes": sizes,
+            "model_source": sources.model, "model_fingerprint": model_fingerprint(sources.model),
+            "profile": profile.to_dict()})
+
+    def baseline(self) -> tuple[Candidate, dict[str, Scored]]:
+        """The base model on the dev subsets; then the champion as left by finished cycles."""
+        champion = base_candidate()
+        done = self.store.step(self.run_id, "baseline")
+        if done is None:
+            self.store.begin_step(self.run_id, "baseline", "baseline")
+            scores = {b: self.bench.run_eval(b, champion.eval_configs[b], None, self.bench.dev[b])
+                      for b in BENCHMARKS}
+            with self.store.transaction():
+                ids = {b: self.bench.record(champion, b, r, role="baseline", cycle_index=None,
+                                            split="dev") for b, r in scores.items()}
+                self.store.finish_step(self.run_id, "baseline", {"eval_ids": ids})
+                self.store.update_run(self.run_id, spent_s=self.budget.spent())
+            done = {"eval_ids": ids}
+        scores = {b: self.bench.load_scored(i) for b, i in done["eval_ids"].items()}
+        self.echo("baseline (dev): " + _fmt_scores(scores))
+        return self.replay(champion, scores)
+
+    def replay(self, champion: Candidate, scores: dict[str, Scored]):
+        """Rebuild the champion and the history from the cycles already recorded (resume)."""
+        for c in self.store.cycles(self.run_id):
+            self.history.append({"index": c["index"], "strategy": c["strategy"],
+                                 "status": c["status"], "gain": _gain(c.get("paired") or {}),
+                                 "candidate": c.get("candidate")})
+            if c["status"] == "accepted":
+                champion = Candidate.from_dict(c["candidate"])
+                scores = {b: self.bench.load_scored(i) for b, i in c["eval_ids"].items()}
+        return champion, scores
+
+    def choose_next(self, champion: Candidate, scores: dict[str, Scored]):
+        """Diagnose the champion's dev errors and let the policy pick a strategy that fits."""
+        cfg = self.config
+        if cfg.max_cycles is not None and len(self.history) >= cfg.max_cycles:
+            return None
+        while True:
+            profiles = {b: self.bench.profile(s) for b, s in scores.items()}
+            ctx = self.context(champion, profiles, self.budget.left_for_cycles())
+            costs = {name: strategies.get(name).estimate_cost(ctx) for name in cfg.strategies}
+            choice = choose(profiles, self.history, costs, self.budget.left_for_cycles(),
+                            self.exhausted)
+            if choice is None:
+                self.echo(f"no strategy fits in the {fmt_s(self.budget.left_for_cycles())} left "
+                          "before the reserve; going to the final evaluation")
+                return None
+            choice.profiles = profiles
+            return choice
+
+    def cycle(self, choice, champion: Candidate, scores: dict[str, Scored]):
+        """Propose, evaluate on dev, judge with paired tests, record; returns the champion."""
+        index = len(self.history) + 1
+        key = f"cycle-{index}"
+        self.echo(f"cycle {index}: {choice.strategy} (est. {fmt_s(choice.est_cost_s)}; "
+                  f"champion {_fmt_scores(scores)}; {fmt_s(self.budget.left())} left)")
+        log.info("why: %s", choice.rationale)
+        t0 = time.time()
+        self.store.begin_step(self.run_id, key, "cycle")
+        ctx = self.context(champion, choice.profiles, self.budget.left_for_cycles(), index,
+                           choice.strategy)
+        try:
+            candidate = strategies.get(choice.strategy).propose(ctx)
+        except Exhausted as exc:
+            self.exhausted.add(choice.strategy)
+            self.store.fail_step(self.run_id, key, f"exhausted: {exc}")
+            return champion, scores
+        except (KeyboardInterrupt, UserError):
+            raise
+        except Exception as exc:  # a broken remedy is recorded and the run goes on
+            log.exception("strategy %s failed", choice.strategy)
+            return self.record_cycle(index, choice, champion, None, {}, "failed", t0,
+                                     error=f"{type(exc).__name__}: {exc}"), scores
+        candidate.adapter_id = self._adapter_id(candidate.adapter_path, champion)
+        results = {b: self.score_candidate(candidate, champion, scores, b, index)
+                   for b in BENCHMARKS}
+        paired = {b: self.paired(scores[b], results[b]) for b in BENCHMARKS}
+        status = "accepted" if self.accept(paired) else "rejected"
+        self.record_cycle(index, choice, champion, candidate, results, status, t0, paired=paired)
+        if status == "accepted":
+            return candidate, results
+        if candidate.adapter_path != champion.adapter_path:
+            self.bench.drop(candidate.adapter_path)
+        return champion, scores
+
+    def final(self, champion: Candidate) -> None:
+        """Base and champion on the held-out final split, once; nothing here feeds a decision.
+
+        The final subsets are sized to the time left at the measured rates (nested subsets,
+        so a smaller n is part of a larger one), decided once and stored with the first step.
+        """
+        base = base_candidate()
+        same = _same_setting(base, champion)
+        plan = self.store.step(self.run_id, "final-baseline")
+        sizes = (plan or {}).get("sizes") or self.bench.final_sizes(
+            self.budget.left() - max(5.0, 0.01 * self.config.budget_s), twice=not same)
+        results: dict[str, dict[str, Scored]] = {}
+        for role, cand in (("final_baseline", base), ("final_champion", champion)):
+            key = role.replace("_", "-")
+            done = self.store.step(self.run_id, key)
+            if done is None:
+                self.store.begin_step(self.run_id, key, "final")
+                if same and role == "final_champion":
+                    evals = {b: s.result for b, s in results["final_baseline"].items()}
+                else:
+                    evals = {b: self.bench.run_eval(b, cand.eval_configs[b], cand.adapter_path,
+                                                    self.bench.final_subset(b, sizes[b]))
+                             for b in BENCHMARKS}
+                with self.store.transaction():
+                    ids = {b: self.bench.record(cand, b, r, role=role, cycle_index=None,
+                                                split="final") for b, r in evals.items()}
+                    self.store.finish_step(self.run_id, key, {"eval_ids": ids, "sizes": sizes})
+                    self.store.update_run(self.run_id, spent_s=self.budget.spent())
+                done = {"eval_ids": ids}
+            results[role] = {b: self.bench.load_scored(i) for b, i in done["eval_ids"].items()}
+            if role == "final_baseline" and same:
+                for s in results[role].values():
+                    s.result = _as_result(self.bench, s)
+        base_s, champ_s = results["final_baseline"], results["final_champion"]
+        self.store.update_run(
+            self.run_id, baseline={b: s.metrics["accuracy"] for b, s in base_s.items()},
+            final={b: s.metrics["accuracy"] for b, s in champ_s.items()},
+            final_n={b: s.metrics["n"] for b, s in champ_s.items()})
+        self.echo("final split: " + "; ".join(
+            f"{b} baseline {_pct_ci(base_s[b].metrics)} -> champion {_pct_ci(champ_s[b].metrics)}"
+            for b in BENCHMARKS))
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        if not hasattr(self, "run_id"):
+            return
+        fields = {"status": status, "spent_s": self.budget.spent()}
+        if error:
+            fields["error"] = error[:2000]
+        if status == "finished":
+            fields["report_path"] = self.write_report()
+        self.store.update_run(self.run_id, **fields)
+        self.echo(f"run {self.run_id} {status} after {fmt_s(self.budget.spent())} "
+                  f"of {fmt_s(self.config.budget_s)}")
+
+    # ------------------------------------------------------------ pieces
+
+    def context(self, champion: Candidate, profiles: dict, time_left: float,
+                index: int | None = None, strategy: str = "") -> Context:
+        index = index or len(self.history) + 1
+        bench = self.bench
+        return Context(
+            cycle=index, seed=self.config.seed + index, champion=champion, profiles=profiles,
+            history=list(self.history), time_left_s=time_left, rates=bench.costs.rates,
+            dev_sizes={b: len(bench.dev[b]) for b in BENCHMARKS}, data=bench.sources.data,
+            protected=bench.protected, workdir=bench.workdir / f"cycle-{index}",
+            train=lambda records, config, *, name, deadline_s: bench.train(
+                records, config, name=name, deadline_s=deadline_s,
+                strategy=strategy, parent_id=champion.adapter_id),
+            evaluate=lambda b, config, *, adapter_path, examples=None: bench.run_eval(
+                b, config, adapter_path, examples if examples is not None else bench.tune[b]),
+            tune_examples=bench.tune, optuna_storage=self.store.optuna_storage_url(),
+            profile_name=bench.profile.name, preset=self.config.preset)
+
+    def _adapter_id(self, path: str | None, champion: Candidate) -> int | None:
+        if path is None:
+            return None
+        if path == champion.adapter_path:
+            return champion.adapter_id
+        for a in self.store.adapters(self.run_id):
+            if a["path"] == path:
+                return a["id"]
+        return None
+
+    def score_candidate(self, candidate: Candidate, champion: Candidate,
+                        scores: dict[str, Scored], b: str, index: int) -> Scored:
+        """Evaluate on dev, or reuse the champion's results where nothing changed for ``b``."""
+        same = (candidate.adapter_path == champion.adapter_path
+                and candidate.eval_configs[b].to_dict() == champion.eval_configs[b].to_dict())
+        if same:
+            return scores[b]
+        result = self.bench.run_eval(b, candidate.eval_configs[b], candidate.adapter_path,
+                                     self.bench.dev[b])
+        return Scored(b, result.samples, result.metrics, -1, candidate.eval_configs[b].to_dict(),
+                      candidate.adapter_path, result=result)
+
+    def paired(self, champ: Scored, cand: Scored) -> dict:
+        if champ.benchmark == "mmbench_ru":
+            result = paired_test_grouped(champ.samples, cand.samples)
+        else:
+            order = {s["sample_id"]: i for i, s in enumerate(cand.samples)}
+            cand_by_champ = [cand.samples[order[s["sample_id"]]]["correct"] for s in champ.samples]
+            result = paired_test([s["correct"] for s in champ.samples], cand_by_champ)
+        out = result.to_dict()
+        out["better"] = is_better(result, self.config.alpha)
+        return out
+
+    def accept(self, paired: dict[str, dict]) -> bool:
+        """Better on at least one benchmark, significantly worse on none, ahead on the sum."""
+        alpha = self.config.alpha
+        worse = any(p["diff"] < 0 and p["p_value"] < alpha for p in paired.values())
+        return (any(p["better"] for p in paired.values()) and not worse
+                and sum(p["diff"] for p in paired.values()) > 0)
+
+    def record_cycle(self, index, choice, champion, candidate, results, status, t0, *,
+                     paired=None, error=None):
+        key = f"cycle-{index}"
+        with self.store.transaction():
+            eval_ids = {}
+            for b, s in results.items():
+                if s.eval_id == -1:
+                    s.eval_id = self.bench.record(candidate, b, s.result, role="candidate",
+                                                  cycle_index=index, split="dev")
+                eval_ids[b] = s.eval_id
+            self.store.add_cycle(
+                run_id=self.run_id, index=index, strategy=choice.strategy, status=status,
+                rationale=choice.rationale, candidate=candidate.to_dict() if candidate else {},
+                dev={b: s.metrics["accuracy"] for b, s in results.items()},
+                dev_ci={b: s.metrics["ci"] for b, s in results.items()},
+                paired=paired or {}, error_profile={b: p.to_dict() for b, p in choice.profiles.items()},
+                duration_s=time.time() - t0,
+                adapter_id=candidate.adapter_id if candidate else None, eval_ids=eval_ids,
+                error=error)
+            self.store.finish_step(self.run_id, key, {"status": status})
+            self.store.update_run(self.run_id, spent_s=self.budget.spent())
+        gain = _gain(paired or {})
+        self.history.append({"index": index, "strategy": choice.strategy, "status": status,
+                             "gain": gain, "candidate": candidate.to_dict() if candidate else None})
+        self.echo(f"cycle {index}: {choice.strategy} {status}"
+                  + (f" ({_fmt_scores(results)}; " + ", ".join(
+                      f"{b} p={p['p_value']:.3g}" for b, p in (paired or {}).items()) + ")"
+                     if results else f" ({error})"))
+
+    def write_report(self) -> str | None:
+        try:
+            from loop.report import build_report, write_report
+        except ImportError:
+            return None
+        out = Path("reports") / f"run-{self.run_id}"
+        md, html = write_report(build_report(self.store, self.run_id), out)
+        self.echo(f"report: {md} and {html}")
+        return str(html)
+
+
+def _same_setting(a: Candidate, b: Candidate) -> bool:
+    return a.adapter_path == b.adapter_path and all(
+        a.eval_configs[k].to_dict() == b.eval_configs[k].to_dict() for k in BENCHMARKS)
+
+
+def _as_result(bench: Workbench, scored: Scored):
+    """A recorded evaluation as an EvalResult, to record it again under another role."""
+    from core.evaluate import EvalResult
+
+    ev = bench.store.evaluation(scored.eval_id)
+    return EvalResult(benchmark=scored.benchmark, protocol=ev["protocol"], config=scored.config,
+                      metrics=scored.metrics, samples=scored.samples, seconds=ev["seconds"])
+
+
+def _gain(paired: dict) -> float:
+    diffs = [p["diff"] for p in paired.values()]
+    return sum(diffs) / len(diffs) if diffs else 0.0
+
+
+def _pct_ci(m: dict) -> str:
+    return f"{100 * m['accuracy']:.1f}% [{100 * m['ci'][0]:.1f}, {100 * m['ci'][1]:.1f}] (n={m['n']})"
+
+
+def _fmt_scores(scores: dict[str, Scored]) -> str:
+    return ", ".join(f"{b} {100 * s.metrics['accuracy']:.1f}%" for b, s in scores.items())
+

@@ -1,0 +1,126 @@
+"""Which remedy next: an explicit rule set scored by expected gain per second.
+
+For every registered strategy the policy estimates the accuracy it could recover — the share
+of the champion's dev errors whose labels the strategy addresses (``WEIGHTS``), times the error
+rate, summed over both benchmarks — scales it by what the strategy's family has done in this
+run (each rejection halves it, an accepted gain raises it), and divides by the estimated
+seconds. The best score that fits in the time left wins.
+
+Why rules and not a bandit: a run has a handful of cycles, too few for a bandit's exploration
+to pay for itself, and the error profile is a strong prior (format errors are fixed by cheap
+prompt and decoding changes first, content errors need training). Every choice is stored with
+a rationale in words.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from loop.budget import fmt_s
+
+# How much of the errors with a given label a strategy can plausibly fix.
+WEIGHTS: dict[str, dict[str, float]] = {
+    "prompt_constraints": {"format_mismatch": 0.5},
+    "generation_params": {"format_mismatch": 0.5},
+    "answer_format_sft": {"format_mismatch": 0.9, "color": 0.5, "location": 0.5,
+                          "counting": 0.5, "other": 0.3},
+    "optuna_hpo": {"format_mismatch": 0.3, "color": 0.4, "location": 0.4, "counting": 0.4,
+                   "other": 0.3},
+}
+# A strategy is only worth trying after another has run (HPO tunes what SFT set up).
+REQUIRES: dict[str, str] = {"optuna_hpo": "answer_format_sft"}
+BENCH_NAMES = {"gqa_ru": "GQA-ru", "mmbench_ru": "MMBench-ru"}
+
+
+@dataclass
+class Choice:
+    strategy: str
+    est_cost_s: float
+    score: float
+    rationale: str
+    ranking: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"strategy": self.strategy, "est_cost_s": round(self.est_cost_s, 1),
+                "score": self.score, "rationale": self.rationale, "ranking": self.ranking}
+
+
+def expected_gain(strategy: str, profiles: dict) -> float:
+    """Accuracy (fraction) the strategy could recover, summed over the benchmarks."""
+    gain = 0.0
+    for profile in profiles.values():
+        if not profile.n:
+            continue
+        error_rate = profile.n_errors / profile.n
+        addressed = sum(profile.shares.get(label, 0.0) * w
+                        for label, w in WEIGHTS.get(strategy, {}).items())
+        gain += error_rate * min(1.0, addressed)
+    return gain
+
+
+def history_factor(strategy: str, history: list[dict]) -> tuple[float, str]:
+    """Past results of this strategy in the run, as a multiplier and in words."""
+    mine = [h for h in history if h["strategy"] == strategy]
+    if not mine:
+        return 1.0, "has not been tried"
+    accepted = [h for h in mine if h["status"] == "accepted"]
+    rejected = len(mine) - len(accepted)
+    factor = 0.5 ** rejected
+    if accepted:
+        factor *= 1.0 + 5.0 * max(0.0, sum(h.get("gain") or 0.0 for h in accepted) / len(accepted))
+    words = f"tried {len(mine)}x ({len(accepted)} accepted, {rejected} rejected)"
+    return factor, words
+
+
+def choose(profiles: dict, history: list[dict], costs: dict[str, float], time_left_s: float,
+           exhausted: set[str]) -> Choice | None:
+    """The strategy with the best expected gain per second that fits, or None.
+
+    Args:
+        profiles: benchmark -> ErrorProfile of the champion on dev.
+        history: past cycles ({"strategy", "status", "gain"}).
+        costs: strategy -> estimated seconds (proposal, training, evaluation).
+        time_left_s: seconds the cycles may still use.
+        exhausted: strategies with nothing left to try.
+    """
+    tried = {h["strategy"] for h in history}
+    ranking = []
+    for name, cost in costs.items():
+        gain = expected_gain(name, profiles)
+        factor, words = history_factor(name, history)
+        row = {"strategy": name, "expected_gain": round(gain, 4), "history": words,
+               "factor": round(factor, 3), "est_cost_s": round(cost, 1),
+               "score": gain * factor / max(cost, 1.0)}
+        if name in exhausted:
+            row["skipped"] = "nothing left to try"
+        elif REQUIRES.get(name) and REQUIRES[name] not in tried:
+            row["skipped"] = f"waits until {REQUIRES[name]} has run"
+        elif cost > time_left_s:
+            row["skipped"] = f"needs ~{fmt_s(cost)}, {fmt_s(time_left_s)} left"
+        elif gain * factor <= 0.002:
+            row["skipped"] = "addresses no remaining error"
+        ranking.append(row)
+    ranking.sort(key=lambda r: -r["score"])
+    open_rows = [r for r in ranking if "skipped" not in r]
+    if not open_rows:
+        return None
+    best = open_rows[0]
+    return Choice(strategy=best["strategy"], est_cost_s=best["est_cost_s"], score=best["score"],
+                  rationale=_rationale(best, open_rows[1:], profiles), ranking=ranking)
+
+
+def _rationale(best: dict, others: list[dict], profiles: dict) -> str:
+    parts = []
+    for bench, profile in profiles.items():
+        if profile.n_errors:
+            cause = profile.main_cause
+            parts.append(f"{cause} is {profile.shares[cause]:.0%} of {BENCH_NAMES.get(bench, bench)} "
+                         f"errors ({profile.n_errors}/{profile.n} wrong)")
+    text = "; ".join(parts) + "; " if parts else ""
+    text += (f"{best['strategy']} costs ~{fmt_s(best['est_cost_s'])} and {best['history']}; "
+             f"it could recover ~{100 * best['expected_gain'] * best['factor']:.0f} points "
+             f"summed over the benchmarks, the best gain per second")
+    if others:
+        text += " (next: " + ", ".join(
+            f"{r['strategy']} {r['score'] * 360000:.1f} pts/h" for r in others[:2]) + ")"
+    return text + "."

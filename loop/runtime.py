@@ -1,0 +1,23 @@
+"""Load the model the way the chosen GPU profile says (shared by eval, train and run)."""
+
+from __future__ import annotations
+
+import logging
+
+from core.model import VLM, LoadOptions, load_vlm
+
+log = logging.getLogger(__name__)
+
+
+def load_options(gpu: str) -> LoadOptions:
+    """LoadOptions for a ``--gpu`` profile, from ``core.device`` when it is available."""
+    try:
+        from core.device import resolve_profile
+    except ImportError:
+        return LoadOptions()
+    profile = resolve_profile(gpu)
+    return profile.load_options()
+
+
+def load_model_for(model: str, gpu: str = "auto", adapter: str | None = None) -> VLM:
+    return load_vlm(model, options=load_options(gpu), adapter=adapter)

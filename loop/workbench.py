@@ -1,0 +1,209 @@
+"""The loaded world of one run: the base model, the data and its splits, the store, the clock.
+
+The controller reads like a recipe; this module does the work behind its verbs: evaluate a
+candidate and record every prediction, train an adapter under a deadline and register it,
+switch adapters on the one loaded base, and rebuild stored results on resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from core.data import load_benchmark
+from core.errors import BenchmarkOptimizer
+from core.evaluate import EvalConfig, evaluate, summarize
+from core.splits import make_splits, stratified_subset
+from loop.budget import Budget, CostModel, dev_subset_size, final_subset_size
+from strategies.base import BENCHMARKS, Candidate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Scored:
+    """One candidate's results on one benchmark: per-sample records, metrics, their eval id."""
+
+    benchmark: str
+    samples: list[dict]
+    metrics: dict
+    eval_id: int
+    config: dict = field(default_factory=dict)
+    adapter_path: str | None = None
+    result: Any = None
+    """The EvalResult while it is not recorded yet (eval_id -1)."""
+
+
+class Workbench:
+    def __init__(self, *, store, run_id: int, vlm, profile, sources, budget: Budget,
+                 costs: CostModel, seed: int, workdir: Path, batch_size: int, progress: bool):
+        self.store, self.run_id, self.vlm, self.profile = store, run_id, vlm, profile
+        self.sources, self.budget, self.costs, self.seed = sources, budget, costs, seed
+        self.workdir, self.batch_size, self.progress = workdir, batch_size, progress
+        self.examples: dict[str, list[dict]] = {}
+        self.dev: dict[str, list[dict]] = {}
+        self.tune: dict[str, list[dict]] = {}
+        self.final: dict[str, list[dict]] = {}
+        self.by_id: dict[str, dict[str, dict]] = {}
+        self.optimizer = BenchmarkOptimizer()
+
+    # ------------------------------------------------------------ data
+
+    def load_data(self, dev_size: int | None = None, final_size: int | None = None) -> dict:
+        """Load both benchmarks, split them, and size the dev and final subsets to the budget."""
+        sizes = {}
+        for b in BENCHMARKS:
+            records = load_benchmark(b, self.sources.data)
+            splits = make_splits(records, seed=self.seed)
+            rate = self.costs.rates.eval_s_per_sample[b]
+            n_dev = dev_size or dev_subset_size(rate, self.budget.left_for_cycles(), len(splits["dev"]))
+            n_final = final_size or final_subset_size(rate, self.budget.reserve_s,
+                                                      len(splits["final"]))
+            self.examples[b] = records
+            self.dev[b] = stratified_subset(splits["dev"], n_dev, seed=self.seed)
+            chosen = {e["id"] for e in self.dev[b]}
+            rest = [e for e in splits["dev"] if e["id"] not in chosen]
+            self.tune[b] = stratified_subset(rest, max(1, len(self.dev[b]) // 2), seed=self.seed)
+            self.final[b] = stratified_subset(splits["final"], n_final, seed=self.seed)
+            self.by_id[b] = {e["id"]: e for e in records}
+            sizes[b] = {"total": len(records), "dev": len(splits["dev"]), "final": len(splits["final"]),
+                        "dev_subset": len(self.dev[b]), "final_subset": len(self.final[b]),
+                        "tune_subset": len(self.tune[b])}
+        return sizes
+
+    @cached_property
+    def protected(self) -> dict[str, set[str]]:
+        """What training data must not contain: every evaluation image and question item."""
+        images, questions = set(), set()
+        for b, records in self.examples.items():
+            for e in records:
+                questions.add(e["id"] if b == "gqa_ru" else f"mmbench:{e['question']}")
+                if b == "gqa_ru":
+                    images.add(e["imageId"])
+        return {"images": images, "questions": questions}
+
+    def final_sizes(self, seconds: float, twice: bool) -> dict[str, int]:
+        """Final questions per benchmark that fit in ``seconds`` at the measured rates."""
+        runs = 2 if twice else 1
+        need = sum(runs * self.costs.eval_seconds(b, len(self.final[b])) for b in self.final)
+        scale = min(1.0, max(0.0, seconds) / max(need, 1e-9))
+        return {b: max(min(30, len(f)), int(scale * len(f))) for b, f in self.final.items()}
+
+    def final_subset(self, benchmark: str, n: int) -> list[dict]:
+        return stratified_subset(self.final[benchmark], n, seed=self.seed)
+
+    def data_fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for b in BENCHMARKS:
+            for e in self.examples.get(b, []):
+                h.update(f"{b}:{e['id']}:{e.get('answer')}\n".encode())
+        return h.hexdigest()[:16]
+
+    # ------------------------------------------------------------ adapters
+
+    def activate(self, adapter_path: str | None) -> None:
+        if adapter_path is None:
+            self.vlm.set_adapter(None)
+            return
+        name = adapter_name(adapter_path)
+        if name not in self.vlm.adapters:
+            self.vlm.load_adapter(adapter_path, name)
+        self.vlm.set_adapter(name)
+
+    def drop(self, adapter_path: str | None) -> None:
+        """Unload a rejected adapter (its files stay on disk and in the record)."""
+        if adapter_path and adapter_name(adapter_path) in self.vlm.adapters:
+            self.vlm.set_adapter(None)
+            self.vlm.delete_adapter(adapter_name(adapter_path))
+
+    # ------------------------------------------------------------ evaluation
+
+    def run_eval(self, benchmark: str, config: EvalConfig, adapter_path: str | None,
+                 examples: list[dict]):
+        """Evaluate without recording (strategies' searches); feeds the cost model."""
+        self.activate(adapter_path)
+        result = evaluate(self.vlm, examples, config, batch_size=self.batch_size,
+                          progress=self.progress)
+        self.costs.observe_eval(benchmark, len(examples), result.seconds, config.mode)
+        self.store.heartbeat()
+        return result
+
+    def evaluate(self, candidate: Candidate, benchmark: str, examples: list[dict], *, role: str,
+                 cycle_index: int | None, split: str) -> Scored:
+        """Evaluate and record the evaluation with every prediction (inside the caller's step)."""
+        config = candidate.eval_configs[benchmark]
+        result = self.run_eval(benchmark, config, candidate.adapter_path, examples)
+        eval_id = self.record(candidate, benchmark, result, role=role, cycle_index=cycle_index,
+                              split=split)
+        return Scored(benchmark, result.samples, result.metrics, eval_id, config.to_dict(),
+                      candidate.adapter_path)
+
+    def record(self, candidate: Candidate, benchmark: str, result, *, role: str,
+               cycle_index: int | None, split: str) -> int:
+        eval_id = self.store.add_evaluation(
+            run_id=self.run_id, cycle_index=cycle_index, role=role, benchmark=benchmark,
+            split=split, protocol=result.protocol, metrics=result.metrics, n=result.n,
+            seconds=result.seconds, adapter_id=candidate.adapter_id, candidate=candidate.to_dict())
+        self.store.add_predictions(eval_id, result.samples)
+        return eval_id
+
+    def load_scored(self, eval_id: int) -> Scored:
+        """A recorded evaluation, rebuilt for paired tests and error profiles (on resume)."""
+        ev = self.store.evaluation(eval_id)
+        b = ev["benchmark"]
+        samples = []
+        for p in self.store.predictions(eval_id):
+            s = dict(p)
+            if b == "mmbench_ru":
+                s["index"] = int(p["sample_id"])
+            samples.append(s)
+        cand = ev.get("candidate") or {}
+        return Scored(b, samples, ev["metrics"] or summarize(b, samples), eval_id,
+                      (cand.get("eval_configs") or {}).get(b, {}), cand.get("adapter_path"))
+
+    def profile(self, scored: Scored):
+        samples = [{"example": self.by_id[scored.benchmark][s["sample_id"]],
+                    "prediction": s.get("parsed") or s.get("output") or "",
+                    "image_ok": s["image_ok"], "labels": list(s.get("labels") or [])}
+                   for s in scored.samples]
+        return self.optimizer.profile(scored.benchmark, samples)
+
+    # ------------------------------------------------------------ training
+
+    def train(self, records: list[dict], config, *, name: str, deadline_s: float,
+              strategy: str, parent_id: int | None = None):
+        """Train an adapter under a deadline, register it, feed the cost model."""
+        from core.train import train_lora
+
+        out = self.workdir / "adapters" / name
+        deadline = self.budget.deadline(deadline_s)
+        self.vlm.set_adapter(None)
+        result = train_lora(self.vlm, records, config, out, deadline=deadline,
+                            profile=self.profile, adapter_name=adapter_name(str(out)), resume=True)
+        self.store.heartbeat()
+        if result.samples:
+            self.costs.observe_train(result.samples, result.seconds)
+        if not result.ok:
+            return None, result
+        self.store.add_adapter(
+            run_id=self.run_id, path=str(out), parent_id=parent_id, strategy=strategy,
+            config=config.to_dict(), metrics={k: v for k, v in result.to_dict().items()
+                                              if k != "loss_curve"})
+        return str(out), result
+
+
+def adapter_name(path: str) -> str:
+    """A stable adapter name for a folder (PEFT names must be identifiers)."""
+    stem = re.sub(r"[^0-9a-zA-Z_]", "_", Path(path).name)
+    digest = hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:6]
+    return f"a_{stem}_{digest}"
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,158 @@
+"""The one contract every remedy follows.
+
+The controller calls ``Strategy.propose(ctx)`` once per cycle, after it has diagnosed the
+champion's errors on dev and the policy has chosen this strategy. The strategy returns a
+``Candidate``: the evaluation settings per benchmark and the adapter to evaluate them with. A
+strategy that trains does so through ``ctx.train`` (which time-boxes and records the run), so
+the candidate it returns is always ready to evaluate; the controller then evaluates it on dev,
+runs the paired test against the champion and accepts or rejects it.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from core.evaluate import EvalConfig
+
+BENCHMARKS = ("gqa_ru", "mmbench_ru")
+
+
+@dataclass
+class Candidate:
+    """A complete setting to evaluate: prompts and decoding per benchmark, and an adapter."""
+
+    strategy: str
+    description: str
+    eval_configs: dict[str, EvalConfig]
+    """benchmark -> prompt and decoding settings."""
+    adapter_path: str | None = None
+    """The LoRA adapter to evaluate with (PEFT folder); None is the bare base model."""
+    adapter_id: int | None = None
+    """The adapter's id in the store, when it is registered there."""
+    train: dict[str, Any] | None = None
+    """What training produced this adapter (config, result), for the record."""
+    details: dict[str, Any] = field(default_factory=dict)
+    """Strategy-specific facts for the record (trials, data mix, ...)."""
+
+    def derive(self, strategy: str, description: str, **changes) -> Candidate:
+        """A copy of this candidate (usually the champion) with some fields changed."""
+        new = copy.deepcopy(self)
+        new.strategy, new.description, new.details, new.train = strategy, description, {}, None
+        for key, value in changes.items():
+            setattr(new, key, value)
+        return new
+
+    def to_dict(self) -> dict:
+        return {"strategy": self.strategy, "description": self.description,
+                "eval_configs": {b: c.to_dict() for b, c in self.eval_configs.items()},
+                "adapter_path": self.adapter_path, "adapter_id": self.adapter_id,
+                "train": self.train, "details": self.details}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Candidate:
+        return cls(strategy=data["strategy"], description=data["description"],
+                   eval_configs={b: EvalConfig(**c) for b, c in data["eval_configs"].items()},
+                   adapter_path=data.get("adapter_path"), adapter_id=data.get("adapter_id"),
+                   train=data.get("train"), details=data.get("details") or {})
+
+
+def base_candidate() -> Candidate:
+    """The seed setting: the base model with the lmms-eval prompts and decoding."""
+    return Candidate(strategy="baseline", description="base model, lmms-eval prompts",
+                     eval_configs={b: EvalConfig() for b in BENCHMARKS})
+
+
+@dataclass
+class CostRates:
+    """Seconds per unit of work on this machine: priors first, then what the run measured."""
+
+    eval_s_per_sample: dict[str, float]
+    """benchmark -> seconds per evaluated question (generation; likelihood is cheaper)."""
+    train_s_per_sample: float
+    """seconds per training example seen (one micro-batch row, forward + backward)."""
+    load_s: float = 0.0
+
+
+@dataclass
+class Context:
+    """Everything a strategy may look at when it proposes a candidate."""
+
+    cycle: int
+    seed: int
+    champion: Candidate
+    profiles: dict[str, Any]
+    """benchmark -> core.errors.ErrorProfile of the champion on the dev subset."""
+    history: list[dict]
+    """Past cycles of this run: {"index", "strategy", "status", "gain", "candidate"}."""
+    time_left_s: float
+    """Seconds this cycle may spend, evaluation of the candidate included."""
+    rates: CostRates
+    dev_sizes: dict[str, int]
+    """benchmark -> number of dev questions the candidate will be evaluated on."""
+    data: Any
+    """core.data.DataSources: where training data comes from."""
+    protected: dict[str, set[str]]
+    """Leakage guard: {"images": ..., "questions": ...} of every evaluation split."""
+    workdir: Path
+    """A folder of this cycle's own for data files and adapters."""
+    train: Callable[..., Any]
+    """train(records, train_config, *, name, deadline_s) -> (adapter_path, TrainResult).
+
+    ``deadline_s`` is a duration: seconds from the call by which training has stopped and the
+    adapter is saved. ``adapter_path`` is None when training produced no usable adapter."""
+    evaluate: Callable[..., Any]
+    """evaluate(benchmark, eval_config, *, adapter_path, examples=None) -> EvalResult."""
+    tune_examples: dict[str, list[dict]] = field(default_factory=dict)
+    """benchmark -> dev questions outside the decision subset, for strategies that search."""
+    optuna_storage: str | None = None
+    """``sqlite:///...`` URL of experiments.db (Optuna owns its own tables there)."""
+    run_id: int | None = None
+    """The run's id in the store; names per-run state such as the Optuna study."""
+    clock: Callable[[], float] = time.monotonic
+    """Seconds on a monotonic clock; strategies measure the time they spend with it."""
+    profile_name: str = "cpu"
+    preset: str = "demo"
+
+
+class Strategy(ABC):
+    """A remedy. Subclasses set ``name`` (lower case, unique: it is stored in SQLite),
+    ``family`` (the policy credits gains per family), ``trains`` and ``summary``."""
+
+    name: ClassVar[str]
+    family: ClassVar[str]
+    trains: ClassVar[bool] = False
+    summary: ClassVar[str] = ""
+
+    @abstractmethod
+    def propose(self, ctx: Context) -> Candidate:
+        """Return a candidate derived from ``ctx.champion``, ready to evaluate.
+
+        Called once per cycle in which the policy chose this strategy. Must finish within
+        ``ctx.time_left_s`` (minus the candidate's own evaluation, which the controller does)
+        and be deterministic for a given ``ctx.seed`` and history. A strategy that has nothing
+        left to try raises ``Exhausted``.
+        """
+
+    @abstractmethod
+    def estimate_cost(self, ctx: Context) -> float:
+        """Seconds ``propose`` plus the candidate's dev evaluation will take, from ``ctx.rates``."""
+
+    def eval_cost(self, ctx: Context, mode_factor: float = 1.0) -> float:
+        """Seconds to evaluate one candidate on the dev subsets of both benchmarks."""
+        return mode_factor * sum(ctx.rates.eval_s_per_sample[b] * n for b, n in ctx.dev_sizes.items())
+
+
+class Exhausted(Exception):
+    """The strategy has no untried proposal left; the policy will not choose it again."""
+
+
+class ProposalFailed(Exception):
+    """This cycle's proposal could not be made (too little time, training failed, no data).
+
+    Unlike ``Exhausted`` the strategy may be chosen again in a later cycle."""
