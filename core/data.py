@@ -125,7 +125,12 @@ def _load_hf(source: str, config: str | None, split: str):
     local = Path(source).is_dir()
     try:
         if local:
-            return datasets.load_dataset(source, config, split=split)
+            # The folder's README names the files of each config. Loading them through the
+            # parquet builder with absolute paths keys the cache by those files; loading the
+            # folder itself keys it by the folder's name, so two folders called GQA-ru would
+            # share one cache entry.
+            files = datasets.load_dataset_builder(source, config).config.data_files
+            return datasets.load_dataset("parquet", data_files=dict(files), split=split)
         return datasets.load_dataset(source, config, split=split)
     except Exception as exc:
         if local:

@@ -114,6 +114,10 @@ class Loop:
                 raise UserError("nothing to resume: the latest run in this database is "
                                 f"{'finished' if run else 'absent'}; start one with `loop run`")
             self.run_id = run["id"]
+            # The run keeps its own configuration; only the progress display is the caller's.
+            stored = {k: v for k, v in (run.get("config") or {}).items()
+                      if k in RunConfig.__dataclass_fields__}
+            self.config = cfg = RunConfig(**{**stored, "progress": cfg.progress})
             self.store.acquire_run_lock(self.run_id)
             failed = self.store.mark_unfinished_failed(self.run_id)
             self.store.update_run(self.run_id, status="running")

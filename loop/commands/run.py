@@ -12,8 +12,9 @@ def add_parser(sub) -> None:
                        description="Evaluate, diagnose, retrain and keep what a paired test says "
                        "is better, until the budget (minus the reserve for the final evaluation "
                        "on the held-out split) is spent. Everything is recorded in the database.")
-    p.add_argument("--budget", required=True, metavar="DURATION",
-                   help="wall-clock budget, everything included: 6h, 90m, 1h30m, 300s")
+    p.add_argument("--budget", metavar="DURATION",
+                   help="wall-clock budget, everything included: 6h, 90m, 1h30m, 300s "
+                   "(required unless --resume, which keeps the run's own)")
     p.add_argument("--gpu", choices=GPU_PROFILES, default="auto",
                    help="GPU profile: t4 (16 GB, fp16, 4-bit), a100/h100 (bf16), cpu, auto")
     p.add_argument("--resume", action="store_true",
@@ -43,12 +44,14 @@ def run(args: argparse.Namespace) -> int:
     from loop.controller import Loop, RunConfig
     from loop.store import Store
 
+    if args.budget is None and not args.resume:
+        raise UserError("`--budget` is required, e.g. `--budget 6h` (or `--resume` a run)")
     names = strategies.names()
     if args.strategies:
         names = [s.strip() for s in args.strategies.split(",") if s.strip()]
     if args.max_cycles is not None and args.max_cycles < 0:
         raise UserError(f"--max-cycles must be >= 0, but got {args.max_cycles}")
-    config = RunConfig(budget_s=parse_duration(args.budget), gpu=args.gpu, preset=args.preset,
+    config = RunConfig(budget_s=parse_duration(args.budget) if args.budget else 1.0, gpu=args.gpu, preset=args.preset,
                        model=args.model, data_dir=args.data_dir, coco_dir=args.coco_dir,
                        seed=args.seed, reserve_fraction=args.reserve, max_cycles=args.max_cycles,
                        dev_size=args.dev_size, final_size=args.final_size,
