@@ -3,7 +3,7 @@
 For every registered strategy the policy estimates the accuracy it could recover — the share
 of the champion's dev errors whose labels the strategy addresses (``WEIGHTS``), times the error
 rate, summed over both benchmarks — scales it by what the strategy's family has done in this
-run (each rejection halves it, an accepted gain raises it), and divides by the estimated
+run (each rejection multiplies it by 0.4, an accepted gain raises it), and divides by the estimated
 seconds. The best score that fits in the time left wins.
 
 Why rules and not a bandit: a run has a handful of cycles, too few for a bandit's exploration
@@ -65,7 +65,7 @@ def history_factor(strategy: str, history: list[dict]) -> tuple[float, str]:
         return 1.0, "has not been tried"
     accepted = [h for h in mine if h["status"] == "accepted"]
     rejected = len(mine) - len(accepted)
-    factor = 0.5 ** rejected
+    factor = 0.4 ** rejected
     if accepted:
         factor *= 1.0 + 5.0 * max(0.0, sum(h.get("gain") or 0.0 for h in accepted) / len(accepted))
     words = f"tried {len(mine)}x ({len(accepted)} accepted, {rejected} rejected)"

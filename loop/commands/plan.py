@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
                        [[s["strategy"], s["trains"], s["cost"], s["train_examples"], s["note"]]
                         for s in plan["strategies"]]))
     print()
-    print("Expected schedule if every candidate were rejected (the policy halves a family's "
-          "score after each rejection):")
+    print("Expected schedule if every candidate were rejected (the policy scales a strategy's "
+          "score by 0.4 after each rejection):")
     print("  " + " -> ".join(plan["schedule"]) if plan["schedule"] else "  (nothing fits)")
     return 0
