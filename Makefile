@@ -18,12 +18,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The loop on the embedded demo world (a tiny VLM and synthetic Russian data), 5 minutes.
 demo: $(STAMP)
-	$(PY) -m loop eval --preset demo --benchmark gqa_ru
-	$(PY) -m loop eval --preset demo --benchmark mmbench_ru
+	$(PY) -m loop run --preset demo --gpu cpu --budget 5m --db experiments.db
+	$(PY) -m loop log --db experiments.db
 
+# Plain `pytest` skips the slow tier; `make test` (and CI) runs it too.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not gpu"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check loop core strategies tests bench
