@@ -1,0 +1,303 @@
+"""The run report: what was measured, what was decided and why.
+
+``build_report`` gathers one run from the store into a ``Report`` (plain, JSON-ready data);
+``write_report`` renders it as Markdown and as one self-contained HTML page (inline CSS and
+hand-drawn SVG, no script, nothing fetched). Every text that comes from the database, model
+outputs above all, is escaped in both: it is untrusted.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from core.exceptions import UserError
+from loop.commands.log import benchmarks_of, format_duration, format_p, format_pct, wilson_interval
+from loop.commands.show import compare
+from loop.report_plots import clean_profile, dev_points
+
+if TYPE_CHECKING:
+    from loop.store import Store
+
+log = logging.getLogger(__name__)
+
+_CARD = "LLaVA-Saiga-8B model card (deepvk/llava-saiga-8b)"
+PUBLISHED = {
+    "gqa_ru": {"accuracy": 0.5144, "protocol": "gqa-ru exact match (lmms-eval gqa-ru)",
+               "source": _CARD},
+    "mmbench_ru": {"accuracy": 0.5665, "protocol": "mmbench-ru circular (lmms-eval "
+                   "mmbench_ru_dev)", "source": _CARD},
+}
+LMMS_MARK = "lmms-eval prompt and decoding"
+EXAMPLES = 8
+ROLES = (("baseline", "base model"), ("champion", "champion"))
+UNPARSEABLE_NOTE = ("MMBench-ru: n counts question groups, each right only if every rotated "
+                    "copy is. lmms-eval replaces an answer whose letter cannot be parsed by a "
+                    "random letter; this project counts it as wrong, so the same outputs score "
+                    "slightly lower here.")
+DEMO_NOTE = ("This run used the demo preset: a tiny model on a synthetic Russian world. Its "
+             "numbers show that the loop works end to end; they are not comparable with the "
+             "published scores at all.")
+
+
+@dataclass
+class Report:
+    """Everything the report shows about one run, as plain JSON-ready data.
+
+    Attributes:
+        run: The run row (id, status, preset, gpu, budget_s, spent_s, config, environment...).
+        benchmarks: The benchmarks found in the run, known ones first.
+        headline: Per benchmark: ``baseline`` and ``champion`` measures on the ``final`` split
+            (accuracy, n, ci, protocol, split, adapter_id, detail, comparable and a
+            comparability note; None when not measured) and ``published`` (accuracy,
+            protocol, source).
+        dev: Per benchmark, the dev points per cycle (index, strategy, status, accuracy, ci,
+            champion) for the accuracy plot.
+        error_profiles: ``[{"label", "profile": {benchmark: {error_label: count}}}]``, the
+            champion's error profile when each cycle started.
+        cycles: The run's cycles as stored (the decisions table).
+        error_analysis: Per benchmark: error label counts of the base model and the champion
+            on ``final``, and examples of fixed and still-wrong answers.
+        notes: Caveats in words.
+    """
+
+    run: dict[str, Any]
+    benchmarks: list[str]
+    headline: dict[str, dict[str, Any]]
+    dev: dict[str, list[dict[str, Any]]]
+    error_profiles: list[dict[str, Any]]
+    cycles: list[dict[str, Any]]
+    error_analysis: dict[str, dict[str, Any]]
+    notes: list[str]
+
+
+def build_report(store: Store, run_id: int | None = None) -> Report:
+    """Gather one run (the latest by default) from the store."""
+    run = store.get_run(run_id) if run_id is not None else store.latest_run()
+    if run is None:
+        raise UserError(f"{store.path} has no runs yet; start one with "
+                        "`python -m loop run --budget 6h --gpu t4`.")
+    cycles = store.cycles(run["id"])
+    # The latest evaluation per benchmark wins (evaluations come oldest first).
+    dev_base = {e["benchmark"]: e for e in store.evaluations(run["id"], role="baseline")}
+    finals = {role: {e["benchmark"]: e for e in store.evaluations(
+        run["id"], role=f"final_{role}", split="final")} for role, _ in ROLES}
+    benches = benchmarks_of([run["final"] or {}, run["baseline"] or {}, dev_base,
+                             *finals.values(), *[c["dev"] or {} for c in cycles]])
+    demo = run["preset"] == "demo"
+    headline, analysis = {}, {}
+    for bench in benches:
+        headline[bench] = {role: _measure(finals[role].get(bench), run, role, bench, demo)
+                           for role in ("baseline", "champion")}
+        headline[bench]["published"] = PUBLISHED.get(bench)
+        preds = {role: store.predictions(evs[bench]["id"]) for role, evs in finals.items()
+                 if bench in evs}
+        analysis[bench] = {role: _error_counts(preds[role]) for role in preds}
+        if len(preds) == 2:
+            analysis[bench].update(compare(preds["baseline"], preds["champion"], EXAMPLES))
+    profiles = [{"label": str(c["index"]), "profile": clean_profile(c["error_profile"])}
+                for c in cycles if c["error_profile"]]
+    if not profiles and dev_base:
+        profiles = [{"label": "baseline", "profile": {
+            b: _error_counts(store.predictions(e["id"]))["counts"] for b, e in dev_base.items()}}]
+    notes = [DEMO_NOTE] if demo else []
+    if any(m and m["comparability"] == "different protocol"
+           for h in headline.values() for m in (h["baseline"], h["champion"])):
+        notes.append("A number marked 'different protocol' was measured with a prompt, decoding "
+                     "or scoring other than lmms-eval's, so it cannot be set against the "
+                     "published score; the protocol is named next to every number.")
+    if "mmbench_ru" in benches:
+        notes.append(UNPARSEABLE_NOTE)
+    notes.append("Every decision was taken on the dev split (per-cycle subsets, a paired test "
+                 "against the champion on the same questions); the final split was touched once, "
+                 "at the end, and fed no decision. Intervals are 95%.")
+    return Report(run=run, benchmarks=benches, headline=headline,
+                  dev={b: dev_points(b, dev_base.get(b), cycles) for b in benches},
+                  error_profiles=profiles, cycles=cycles, error_analysis=analysis, notes=notes)
+
+
+def _measure(ev: dict | None, run: dict, role: str, bench: str,
+             demo: bool) -> dict[str, Any] | None:
+    """A headline number from its evaluation, or from the run row when no evaluation exists,
+    with whether it shares the published score's protocol."""
+    if ev is None:
+        value = (run["baseline" if role == "baseline" else "final"] or {}).get(bench)
+        n = (run["final_n"] or {}).get(bench)
+        if value is None:
+            return None
+        return {"accuracy": value, "n": n, "ci": list(wilson_interval(value, n)) if n else None,
+                "protocol": None, "split": "final", "adapter_id": None, "detail": "",
+                **_comparability(None, demo)}
+    m = ev["metrics"]
+    n = m.get("n", ev["n"])
+    ci = m.get("ci") or (list(wilson_interval(m["accuracy"], n)) if n else None)
+    detail = ""
+    if "accuracy_normalized" in m:
+        detail = f"Russian-aware match {format_pct(m['accuracy_normalized'], m.get('ci_normalized'))}"
+    elif "per_row" in m:
+        detail = (f"per row {format_pct(m['per_row'], m.get('ci_per_row'))} of "
+                  f"{m.get('n_rows')} rows, {m.get('unparseable', 0)} unparseable")
+    return {"accuracy": m["accuracy"], "n": n, "ci": ci, "protocol": ev["protocol"],
+            "split": ev["split"], "adapter_id": ev["adapter_id"], "detail": detail,
+            **_comparability(ev["protocol"], demo)}
+
+
+def _comparability(protocol: str | None, demo: bool) -> dict[str, Any]:
+    """Whether a number shares the published score's protocol (lmms-eval's), in words too."""
+    comparable = not demo and protocol is not None and LMMS_MARK in protocol
+    if demo:
+        note = "not comparable: synthetic demo world"
+    elif protocol is None:
+        note = "protocol not recorded"
+    else:
+        note = "same protocol as the published score" if comparable else "different protocol"
+    return {"comparable": comparable, "comparability": note}
+
+
+def _error_counts(predictions: list[dict]) -> dict[str, Any]:
+    """How many answers are wrong and how often each error label occurs among them."""
+    wrong = [p for p in predictions if not p["correct"]]
+    counts = Counter(label for p in wrong for label in p["labels"] or ["unlabelled"])
+    return {"n": len(predictions), "wrong": len(wrong), "counts": dict(counts.most_common()),
+            "shares": {k: v / len(wrong) for k, v in counts.most_common()}}
+
+
+def write_report(report: Report, out: Path) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.html``; returns their paths.
+
+    Args:
+        report: What ``build_report`` gathered.
+        out: The Markdown path (the HTML goes beside it with the ``.html`` suffix), or a
+            folder that receives ``report.md`` and ``report.html``.
+    """
+    from loop.report_plots import render_html
+
+    out = Path(out)
+    md_path = out.with_suffix(".md") if out.suffix in (".md", ".html") else out / "report.md"
+    html_path = md_path.with_suffix(".html")
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(render_markdown(report), encoding="utf-8")
+    html_path.write_text(render_html(report), encoding="utf-8")
+    log.info("report of run %s written to %s and %s", report.run["id"], md_path, html_path)
+    return md_path, html_path
+
+
+def header_lines(report: Report) -> list[str]:
+    """The run at a glance: status, preset, GPU profile, budget, environment."""
+    run = report.run
+    lines = [f"status {run['status']}, preset {run['preset']}, GPU profile {run['gpu']}",
+             f"budget {format_duration(run['budget_s'])}, spent {format_duration(run['spent_s'])}"
+             f", started {run['started_at']}, finished {run['finished_at'] or '-'}"]
+    for key, value in (run["environment"] or {}).items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        lines.append(clip(f"{key}: {value}", 240))
+    return lines
+
+
+def headline_rows(report: Report) -> list[list[str]]:
+    """Rows of (benchmark, model, accuracy [CI], n, protocol, comparability) per benchmark."""
+    rows = []
+    for bench, h in report.headline.items():
+        for role, name in ROLES:
+            m = h[role]
+            if m is None:
+                rows.append([bench, name, "not measured", "-", "-", ""])
+                continue
+            rows.append([bench, name, format_pct(m["accuracy"], m["ci"]), str(m["n"] or "-"),
+                         m["protocol"] or "not recorded", m["comparability"]])
+        if h["published"]:
+            pub = h["published"]
+            rows.append([bench, pub["source"], f"{100 * pub['accuracy']:.2f}%", "-",
+                         pub["protocol"], "published, for context"])
+    return rows
+
+
+def decision_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of the decisions table."""
+    benches = report.benchmarks
+    headers = ["cycle", "strategy", "status", *[f"{b} dev" for b in benches],
+               *[f"p {b}" for b in benches], "duration", "rationale"]
+    rows = []
+    for c in report.cycles:
+        dev, ci, paired = c["dev"] or {}, c["dev_ci"] or {}, c["paired"] or {}
+        why = (c["rationale"] or "") + (f" (error: {c['error']})" if c["error"] else "")
+        rows.append([str(c["index"]), c["strategy"], c["status"],
+                     *[format_pct(dev.get(b), ci.get(b)) for b in benches],
+                     *[format_p((paired.get(b) or {}).get("p_value")) for b in benches],
+                     format_duration(c["duration_s"]), why])
+    return headers, rows
+
+
+def error_rows(report: Report) -> list[list[str]]:
+    """Rows of (benchmark, label, base model count (share), champion count (share))."""
+    rows = []
+    for bench, a in report.error_analysis.items():
+        labels = list(dict.fromkeys([*a.get("baseline", {}).get("counts", {}),
+                                     *a.get("champion", {}).get("counts", {})]))
+        for label in labels:
+            cells = []
+            for role in ("baseline", "champion"):
+                counts = a.get(role) or {"counts": {}, "shares": {}}
+                n = counts["counts"].get(label, 0)
+                cells.append(f"{n} ({100 * counts['shares'].get(label, 0):.0f}%)")
+            rows.append([bench, label, *cells])
+    return rows
+
+
+def clip(text: Any, width: int = 300) -> str:
+    """One line of at most ``width`` characters."""
+    text = " ".join(str("" if text is None else text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def md_cell(text: Any, width: int = 300) -> str:
+    """One line of Markdown-safe text: clipped, HTML-escaped, pipes escaped."""
+    return html.escape(clip(text, width), quote=False).replace("|", "\\|")
+
+
+def _md_table(headers: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(md_cell(h) for h in headers) + " |",
+             "|" + "---|" * len(headers)]
+    return lines + ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in rows]
+
+
+def render_markdown(report: Report) -> str:
+    """The report as Markdown (plots are in the HTML page)."""
+    out = [f"# Run {report.run['id']}: self-improvement report", ""]
+    out += [f"- {md_cell(line)}" for line in header_lines(report)]
+    out += ["", "## Base model vs champion on the held-out final split", ""]
+    out += _md_table(["benchmark", "model", "accuracy [95% interval]", "n", "protocol",
+                      "vs published"], headline_rows(report))
+    out += [""] + [f"- {md_cell(b)} {name}: {md_cell(h[role]['detail'])}"
+                   for b, h in report.headline.items() for role, name in ROLES
+                   if h[role] and h[role]["detail"]]
+    out += ["", *[f"> {md_cell(note, 1000)}\n" for note in report.notes]]
+    out += ["## Decisions", "", "Plots of dev accuracy and error causes per cycle are in the "
+            "HTML report.", ""]
+    if report.cycles:
+        out += _md_table(*decision_rows(report))
+    else:
+        out.append("No cycle was recorded.")
+    rows = error_rows(report)
+    if rows:
+        out += ["", "## Error causes on the final split", "", "Counts of error labels among wrong "
+                "answers (an answer can carry several), with their share of the wrong answers.", ""]
+        out += _md_table(["benchmark", "label", "base model", "champion"], rows)
+    for bench, a in report.error_analysis.items():
+        if "fixed" not in a:
+            continue
+        out += ["", f"## Examples: {md_cell(bench)}", "",
+                f"Of {a['paired_n']} paired final answers the champion fixed {a['fixed_n']}, broke "
+                f"{a['broken_n']} and still gets {a['still_wrong_n']} wrong.", ""]
+        for kind in ("fixed", "still_wrong"):
+            if a[kind]:
+                out += [f"**{kind.replace('_', ' ')}**", ""]
+                out += _md_table(["sample", "question", "gold", "base model", "champion"],
+                                 [[e["sample_id"], e["question"], e["answer"], e["before"],
+                                   e["after"]] for e in a[kind]]) + [""]
+    return "\n".join(out).rstrip() + "\n"
