@@ -83,8 +83,8 @@ class Loop:
     # ------------------------------------------------------------ the recipe
 
     def run(self) -> int:
-        self.start()
         try:
+            self.start()
             self.set_up()
             champion, scores = self.baseline()
             while (choice := self.choose_next(champion, scores)) is not None:
@@ -113,18 +113,19 @@ class Loop:
             if run is None or run["status"] == "finished":
                 raise UserError("nothing to resume: the latest run in this database is "
                                 f"{'finished' if run else 'absent'}; start one with `loop run`")
-            self.run_id = run["id"]
             # The run keeps its own configuration; only the progress display is the caller's.
             stored = {k: v for k, v in (run.get("config") or {}).items()
                       if k in RunConfig.__dataclass_fields__}
             self.config = cfg = RunConfig(**{**stored, "progress": cfg.progress})
-            self.store.acquire_run_lock(self.run_id)
+            self.store.acquire_run_lock(run["id"])
+            self.run_id = run["id"]
             failed = self.store.mark_unfinished_failed(self.run_id)
             self.store.update_run(self.run_id, status="running")
             spent = float(run.get("spent_s") or 0.0)
             self.echo(f"resuming run {self.run_id}: {fmt_s(spent)} of {fmt_s(cfg.budget_s)} spent"
                       f"{f', {failed} half-done step redone' if failed else ''}")
         else:
+            self.store.acquire_run_lock(None)  # refuse before recording anything
             self.run_id = self.store.create_run(config=asdict(cfg), environment=environment(cfg),
                                                 budget_s=cfg.budget_s, preset=cfg.preset,
                                                 gpu=cfg.gpu)
@@ -288,8 +289,8 @@ class Loop:
             for b in BENCHMARKS))
 
     def finish(self, status: str, error: str | None = None) -> None:
-        if not hasattr(self, "run_id"):
-            return
+        if not hasattr(self, "budget"):
+            return  # refused before the run was ours
         fields = {"status": status, "spent_s": self.budget.spent()}
         if error:
             fields["error"] = error[:2000]

@@ -153,11 +153,13 @@ def _example(prev: dict | None, new: dict) -> dict[str, Any]:
 
 
 def profile_rows(profile: dict[str, Any]) -> list[list[Any]]:
-    """Rows of (benchmark, label, count, share) from ``{bench: {label: n}}`` or ``{label: n}``."""
+    """Rows of (benchmark, label, count, share) from ``{bench: ErrorProfile.to_dict()}``,
+    ``{bench: {label: n}}`` or ``{label: n}``."""
     nested = {k: v for k, v in profile.items() if isinstance(v, dict)}
     groups = nested or {"all": profile}
     rows = []
     for bench, counts in groups.items():
+        counts = counts.get("counts", counts)  # an ErrorProfile.to_dict() or plain counts
         counts = {k: v for k, v in counts.items() if isinstance(v, (int, float))}
         total = sum(counts.values())
         for label, count in sorted(counts.items(), key=lambda kv: -kv[1]):

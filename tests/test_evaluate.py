@@ -1,0 +1,127 @@
+"""Evaluation: prompts as lmms-eval builds them, batching, scoring, missing images, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from core.evaluate import EvalConfig, build_prompt, evaluate
+
+
+def _gqa(i: int, answer: str = "да", image=True) -> dict:
+    img = Image.new("RGB", (48, 48), ["red", "blue", "green"][i % 3])
+    return {"benchmark": "gqa_ru", "id": f"q{i}", "imageId": f"i{i}", "answer": answer,
+            "question": "Есть ли на картинке круг?" + " очень" * (i % 4),
+            "types": {"structural": "verify", "semantic": "obj", "detailed": "exist"},
+            "_image": (lambda: img) if image else (lambda: None)}
+
+
+def _mmb(index: int, options: dict[str, str], answer: str, hint=None) -> dict:
+    img = Image.new("RGB", (48, 48), "red")
+    return {"benchmark": "mmbench_ru", "id": str(index), "index": index, "hint": hint,
+            "question": "Какого цвета фигура?", "options": options, "answer": answer,
+            "category": "color", "_image": lambda: img}
+
+
+# Golden prompts: a change here changes every number the tool reports.
+def test_gqa_prompt_is_lmms_evals():
+    assert build_prompt(_gqa(0), EvalConfig()) == "Есть ли на картинке круг?\nОтветь одним словом."
+
+
+def test_mmbench_prompt_is_lmms_evals_with_and_without_hint():
+    ex = _mmb(5, {"A": "красный", "B": "синий"}, "A")
+    assert build_prompt(ex, EvalConfig()) == (
+        "Какого цвета фигура? There are several options:\nA. красный\nB. синий\n"
+        "Выбери правильный вариант ответа буквой.")
+    ex["hint"] = "Подсказка."
+    assert build_prompt(ex, EvalConfig()).startswith("Подсказка. Какого цвета фигура? There")
+
+
+def test_config_validation_reports_every_problem():
+    with pytest.raises(ValueError) as err:
+        EvalConfig(mode="judge", num_beams=0)
+    assert "mode" in str(err.value) and "num_beams" in str(err.value)
+
+
+def test_batched_equals_one_by_one_and_missing_images_are_counted(tiny_vlm):
+    examples = [_gqa(i) for i in range(6)] + [_gqa(6, image=False)]
+    batched = evaluate(tiny_vlm, examples, batch_size=4, progress=False)
+    single = [evaluate(tiny_vlm, [e], batch_size=1, progress=False).samples[0] for e in examples]
+    assert [s["output"] for s in batched.samples] == [s["output"] for s in single]
+    assert batched.metrics["images_missing"] == 1
+    missing = batched.samples[-1]
+    assert missing["image_ok"] is False
+    assert missing["correct"] or missing["labels"] == ["missing_image"]
+    m = batched.metrics
+    assert m["n"] == 7 and 0 <= m["ci"][0] <= m["accuracy"] <= m["ci"][1] <= 1
+    assert {"sample_id", "prompt", "output", "parsed", "correct", "image_ok", "seconds"} <= set(
+        batched.samples[0])
+    assert batched.metrics["samples_per_s"] > 0
+
+
+def test_likelihood_mode_agrees_across_rotations(tiny_vlm):
+    opts = ["красный", "синий", "зелёный"]
+    rows = []
+    for r in range(3):
+        rot = opts[r:] + opts[:r]
+        letters = dict(zip("ABC", rot))
+        rows.append(_mmb(7 + r * 1_000_000, letters, "ABC"[rot.index("синий")]))
+    result = evaluate(tiny_vlm, rows, EvalConfig(mode="likelihood"), progress=False)
+    chosen = {s["output"] for s in result.samples}
+    assert len(chosen) == 1  # the same option text wins in every rotation
+    assert result.metrics["accuracy"] in (0.0, 1.0) and result.metrics["n"] == 1
+    assert "likelihood" in result.protocol
+
+
+def test_mmbench_circular_scoring_counts_a_group_only_when_all_rotations_are_right(tiny_vlm,
+                                                                                  monkeypatch):
+    rows = [_mmb(1, {"A": "красный", "B": "синий"}, "A"),
+            _mmb(1_000_001, {"A": "синий", "B": "красный"}, "B"),
+            _mmb(2, {"A": "красный", "B": "синий"}, "A"),
+            _mmb(1_000_002, {"A": "синий", "B": "красный"}, "B")]
+    answers = {"1": "A", "1000001": "Ответ: B", "2": "A", "1000002": "Ответ: A"}
+    order = []
+
+    def fake_generate(texts, images, **kw):
+        idx = [next(r["id"] for r in rows if build_prompt(r, EvalConfig()) == t and r["id"] not in order)
+               for t in texts]
+        order.extend(idx)
+        return [answers[i] for i in idx]
+
+    monkeypatch.setattr(tiny_vlm, "generate", fake_generate)
+    result = evaluate(tiny_vlm, rows, batch_size=1, progress=False)
+    assert result.metrics["accuracy"] == 0.5 and result.metrics["n"] == 2
+    assert result.metrics["per_row"] == 0.75 and result.metrics["n_rows"] == 4
+
+
+@pytest.mark.slow
+def test_eval_cli_json_on_the_demo(capsys):
+    from loop.cli import main
+
+    assert main(["-q", "eval", "--preset", "demo", "--benchmark", "gqa_ru", "--limit", "40",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"accuracy", "n", "samples_per_s", "ci", "accuracy_normalized", "protocol"} <= set(out)
+    assert 30 <= out["n"] <= 50
+    assert main(["-q", "eval", "--preset", "demo", "--benchmark", "mmbench_ru", "--limit", "30"]) == 0
+    table = capsys.readouterr().out
+    assert "circular accuracy" in table and "samples/s" in table
+
+
+def test_eval_cli_rejects_bad_flags(capsys):
+    from loop.cli import main
+
+    assert main(["eval", "--benchmark", "gqa_ru", "--limit", "0"]) == 2
+    assert "--limit" in capsys.readouterr().err
+    assert main(["eval", "--benchmark", "gqa_ru", "--mode", "likelihood"]) == 2
+
+
+def test_saiga_preset_offline_fails_with_one_clear_message(capsys):
+    from loop.cli import main
+
+    assert main(["eval", "--benchmark", "gqa_ru", "--preset", "saiga", "--gpu", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert "deepvk/" in err and ("--model" in err or "--data-dir" in err)
