@@ -1,0 +1,111 @@
+"""Remedy ``answer_format_sft``: a LoRA adapter trained on short answers and option letters.
+
+The data (``strategies.sft_data``) is aimed at the champion's error profile: one-word answers
+to GQA-ru train questions weighted toward the weak question types, multiple choice built from
+GQA-ru train in the MMBench-ru prompt with the bare letter as the answer (more of it the larger
+MMBench-ru's share of format mismatches), and LLaVA-Instruct-ru to keep general ability. The
+run is sized to the time left after the candidate's dev evaluation; it trains through
+``ctx.train`` and proposes the new adapter with the champion's prompts and decoding.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from core.sft import write_sft_jsonl
+from core.train import TrainConfig
+from strategies.base import Candidate, Context, ProposalFailed, Strategy
+from strategies.common import (
+    DATA_S_PER_RECORD,
+    MIN_STEPS,
+    Clock,
+    TrainPlan,
+    attempts,
+    plan_training,
+    share,
+)
+from strategies.sft_data import Mix, SFTDataBuilder
+
+log = logging.getLogger(__name__)
+
+TIME_SHARE = 0.5
+"""Share of the time left after the dev evaluation that data and training may use: the rest
+stays for later cycles (``ctx.time_left_s`` is what all remaining cycles may spend)."""
+INSTRUCT_SHARE = 0.15
+LR, RANK, DROPOUT = 2e-4, 16, 0.05
+
+
+def profile_mix(ctx: Context) -> Mix:
+    """More multiple choice the larger MMBench-ru's share of format mismatches is."""
+    gqa, mmb = (share(ctx, b, "format_mismatch") for b in ("gqa_ru", "mmbench_ru"))
+    choice = 0.15 + 0.35 * (mmb / (gqa + mmb)) if gqa + mmb > 0 else 0.3
+    return Mix(short=1.0 - choice - INSTRUCT_SHARE, choice=choice, instruct=INSTRUCT_SHARE)
+
+
+class AnswerFormatSFT(Strategy):
+    """Build profile-aimed SFT data, train one LoRA adapter, propose it."""
+
+    name = "answer_format_sft"
+    family = "sft"
+    trains = True
+    summary = "LoRA SFT on short GQA-ru answers and GQA-built multiple choice (+ LLaVA-Instruct)"
+
+    def plan(self, ctx: Context) -> TrainPlan | None:
+        budget = TIME_SHARE * (ctx.time_left_s - self.eval_cost(ctx)) - ctx.rates.load_s
+        return plan_training(ctx, budget)
+
+    def propose(self, ctx: Context) -> Candidate:
+        clock = Clock(ctx)
+        plan = self.plan(ctx)
+        if plan is None:
+            raise ProposalFailed(
+                f"answer_format_sft needs time for {MIN_STEPS} training steps plus the dev "
+                f"evaluation ({self.eval_cost(ctx):.0f} s), but only {ctx.time_left_s:.0f} s "
+                "are left")
+        k = attempts(ctx, self.name)
+        seed = ctx.seed * 1000 + k
+        mix = profile_mix(ctx)
+        records, data_info = SFTDataBuilder(ctx).build(plan.n_records, mix, seed)
+        data_file = write_sft_jsonl(records, ctx.workdir / "answer_format_sft.jsonl")
+        config = TrainConfig(steps=plan.steps, batch_size=plan.batch_size, lr=LR, rank=RANK,
+                             alpha=2 * RANK, dropout=DROPOUT, seed=seed)
+        deadline_s = clock.left(reserve=self.eval_cost(ctx))
+        if deadline_s <= 0:
+            raise ProposalFailed(f"building the data took {clock.elapsed():.0f} s; no time "
+                                 "is left to train")
+        log.info("answer_format_sft: %d records (%s), %d steps x %d, deadline %.0f s",
+                 len(records), data_info["counts"], plan.steps, plan.batch_size, deadline_s)
+        adapter_path, result = ctx.train(records, config, name=f"c{ctx.cycle}-answer-format",
+                                         deadline_s=deadline_s)
+        status = getattr(result, "status", "unknown")
+        if adapter_path is None:
+            raise ProposalFailed(f"training the answer-format adapter failed ({status}): "
+                                 f"{getattr(result, 'error', None)}")
+        result_dict = result.to_dict() if hasattr(result, "to_dict") else dict(result or {})
+        return ctx.champion.derive(
+            self.name,
+            f"LoRA r{RANK} on {len(records)} answer-format records "
+            f"({', '.join(f'{n} {kind}' for kind, n in data_info['counts'].items())}), "
+            f"{plan.steps} steps",
+            adapter_path=str(adapter_path), adapter_id=None,
+            train={"config": config.to_dict(), "result": result_dict},
+            details={"data": data_info, "data_file": str(data_file), "attempt": k,
+                     "planned_steps": plan.steps, "deadline_s": round(deadline_s, 1),
+                     "train_status": status, "parent_adapter": ctx.champion.adapter_path,
+                     "weak_types": _weak_types(ctx)})
+
+    def estimate_cost(self, ctx: Context) -> float:
+        """Data, training and the candidate's dev evaluation, as planned for the time left."""
+        plan = self.plan(ctx)
+        if plan is None:  # what the smallest useful run would need
+            return (self.eval_cost(ctx) + ctx.rates.load_s + MIN_STEPS
+                    * (ctx.rates.train_s_per_sample + DATA_S_PER_RECORD))
+        return self.eval_cost(ctx) + ctx.rates.load_s + plan.seconds
+
+
+def _weak_types(ctx: Context) -> dict[str, list[str]]:
+    profile = ctx.profiles.get("gqa_ru")
+    if profile is None:
+        return {}
+    return {label: profile.weak_categories(label) for label in ("counting", "color", "location")
+            if profile.counts.get(label)}

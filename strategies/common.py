@@ -1,0 +1,149 @@
+"""Helpers the strategies share: reading the error profile, what history has tried, time.
+
+The no-training strategies (prompt constraints, generation parameters) walk an ordered list of
+``Variant``s and propose the first one whose resulting setting no cycle of this run has
+evaluated yet. A setting is the benchmark, its full ``EvalConfig`` and the adapter, so a variant
+tried on one champion is untried again once a different adapter (or prompt) becomes champion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from core.evaluate import EvalConfig
+from strategies.base import BENCHMARKS, Candidate, Context
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One change to the champion's settings of one benchmark."""
+
+    benchmark: str
+    name: str
+    """Short stable name, stored in the candidate's details."""
+    changes: dict[str, Any]
+    """EvalConfig fields to replace."""
+    description: str
+
+
+def share(ctx: Context, benchmark: str, label: str) -> float:
+    """The share of ``label`` among the champion's dev errors on ``benchmark`` (0 when unknown)."""
+    profile = ctx.profiles.get(benchmark)
+    if profile is None or not profile.n_errors:
+        return 0.0
+    return float(profile.shares.get(label, 0.0))
+
+
+def by_format_share(ctx: Context) -> list[str]:
+    """Benchmarks, the one whose errors are most often format mismatches first (GQA-ru on ties)."""
+    return sorted(BENCHMARKS, key=lambda b: (-share(ctx, b, "format_mismatch"), BENCHMARKS.index(b)))
+
+
+def setting_key(benchmark: str, config: EvalConfig | dict, adapter_path: str | None) -> str:
+    """A stable text key of one evaluated setting."""
+    data = config.to_dict() if isinstance(config, EvalConfig) else dict(config)
+    return json.dumps([benchmark, data, adapter_path], sort_keys=True, ensure_ascii=False)
+
+
+def tried_settings(ctx: Context) -> set[str]:
+    """Every (benchmark, config, adapter) the champion or a past cycle of this run evaluated."""
+    keys = {setting_key(b, c, ctx.champion.adapter_path)
+            for b, c in ctx.champion.eval_configs.items()}
+    for entry in ctx.history:
+        cand = entry.get("candidate") or {}
+        for b, c in (cand.get("eval_configs") or {}).items():
+            keys.add(setting_key(b, c, cand.get("adapter_path")))
+    return keys
+
+
+def apply(config: EvalConfig, changes: dict[str, Any]) -> EvalConfig:
+    """A copy of ``config`` with ``changes`` (lists copied, so the champion is never shared)."""
+    return dataclasses.replace(config, **{k: list(v) if isinstance(v, list) else v
+                                          for k, v in changes.items()})
+
+
+def first_untried(ctx: Context, variants: list[Variant]) -> tuple[Variant, EvalConfig] | None:
+    """The first variant whose resulting setting has not been evaluated in this run."""
+    tried = tried_settings(ctx)
+    for variant in variants:
+        config = apply(ctx.champion.eval_configs[variant.benchmark], variant.changes)
+        if setting_key(variant.benchmark, config, ctx.champion.adapter_path) not in tried:
+            return variant, config
+    return None
+
+
+def variant_candidate(ctx: Context, strategy: str, variant: Variant,
+                      config: EvalConfig, why: str) -> Candidate:
+    """The champion with one benchmark's settings replaced by ``config``."""
+    configs = dict(ctx.champion.eval_configs)
+    configs[variant.benchmark] = config
+    return ctx.champion.derive(
+        strategy, f"{variant.benchmark}: {variant.description}", eval_configs=configs,
+        details={"benchmark": variant.benchmark, "variant": variant.name,
+                 "changes": dict(variant.changes), "why": why,
+                 "format_mismatch_share": {b: round(share(ctx, b, "format_mismatch"), 4)
+                                           for b in BENCHMARKS},
+                 "base_adapter": ctx.champion.adapter_path})
+
+
+def attempts(ctx: Context, strategy: str) -> int:
+    """How many cycles of this run chose ``strategy`` so far."""
+    return sum(entry.get("strategy") == strategy for entry in ctx.history)
+
+
+class Clock:
+    """Time spent since ``propose`` started, on ``ctx.clock``."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.start = ctx.clock()
+
+    def elapsed(self) -> float:
+        return self.ctx.clock() - self.start
+
+    def left(self, reserve: float = 0.0) -> float:
+        """Seconds of ``ctx.time_left_s`` not yet spent, minus ``reserve``."""
+        return self.ctx.time_left_s - self.elapsed() - reserve
+
+
+# ---------------------------------------------------------------- training budget
+
+BATCH_SIZE = 16
+MIN_STEPS = 5
+MAX_STEPS = 500
+MAX_RECORDS = 8000
+DATA_S_PER_RECORD = 0.01
+"""Seconds to build one record (decode and write its image), added to each sample's cost."""
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """How much training fits in a time budget."""
+
+    steps: int
+    batch_size: int
+    n_records: int
+    """Records to build: one epoch of the planned samples, at most MAX_RECORDS."""
+    seconds: float
+    """Expected seconds of data building plus training."""
+
+
+def plan_training(ctx: Context, seconds: float, steps_fraction: float = 1.0) -> TrainPlan | None:
+    """Steps and batch size that fit ``seconds`` at ``ctx.rates``; None when not even
+    ``MIN_STEPS`` steps of one sample fit. ``steps_fraction`` scales the steps down (HPO)."""
+    per_sample = ctx.rates.train_s_per_sample + DATA_S_PER_RECORD
+    samples = int(max(0.0, seconds) / per_sample)
+    batch = BATCH_SIZE if samples >= BATCH_SIZE * MIN_STEPS else samples // MIN_STEPS
+    if batch < 1:
+        return None
+    steps = max(MIN_STEPS, min(MAX_STEPS, int(steps_fraction * samples // batch)))
+    n_records = min(MAX_RECORDS, steps * batch)
+    return TrainPlan(steps=steps, batch_size=batch, n_records=n_records,
+                     seconds=steps * batch * ctx.rates.train_s_per_sample
+                     + n_records * DATA_S_PER_RECORD)

@@ -1,0 +1,92 @@
+"""Remedy ``generation_params``: decoding settings and the MMBench-ru likelihood protocol.
+
+No training. Each proposal changes the decoding of one benchmark on top of the champion's
+settings: shorter answers cut at a stop string, beams, a repetition penalty, or, for
+MMBench-ru, ranking the option texts by likelihood (``mode="likelihood"``), which needs no
+letter parsing at all. The order follows the error profile: a variant that fixes the answer's
+form scores the share of format mismatches among the benchmark's errors, a variant that may
+help the content scores half the remaining share, so a verbose GQA-ru goes to a short,
+stopped answer first and an unparseable MMBench-ru to the likelihood mode first.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from strategies.base import Candidate, Context, Exhausted, Strategy
+from strategies.common import Variant, first_untried, share, variant_candidate
+
+log = logging.getLogger(__name__)
+
+LIKELIHOOD_COST_FACTOR = 0.5
+"""Likelihood ranking: one forward pass per option, no token-by-token decoding."""
+
+# (variant, fixes the format?) in the order tried when scores tie
+GQA_VARIANTS: list[tuple[Variant, bool]] = [
+    (Variant("gqa_ru", "short_stop_period", {"max_new_tokens": 8, "stop_strings": ["\n", "."]},
+             "at most 8 new tokens, cut at the first newline or period"), True),
+    (Variant("gqa_ru", "very_short", {"max_new_tokens": 4, "stop_strings": ["\n", ".", ","]},
+             "at most 4 new tokens, cut at a newline, period or comma"), True),
+    (Variant("gqa_ru", "stop_newline", {"stop_strings": ["\n"]},
+             "cut the answer at the first newline"), True),
+    (Variant("gqa_ru", "beams3", {"num_beams": 3}, "beam search with 3 beams"), False),
+    (Variant("gqa_ru", "repetition_penalty", {"repetition_penalty": 1.2},
+             "repetition penalty 1.2"), False),
+]
+MMB_VARIANTS: list[tuple[Variant, bool]] = [
+    (Variant("mmbench_ru", "likelihood", {"mode": "likelihood", "instruction": None},
+             "rank the option texts by length-normalised likelihood (its own protocol)"), True),
+    (Variant("mmbench_ru", "letter_short", {"max_new_tokens": 8, "stop_strings": ["\n"]},
+             "at most 8 new tokens, cut at the first newline"), True),
+    (Variant("mmbench_ru", "beams3", {"num_beams": 3}, "beam search with 3 beams"), False),
+    (Variant("mmbench_ru", "repetition_penalty", {"repetition_penalty": 1.2},
+             "repetition penalty 1.2"), False),
+]
+
+
+class GenerationParams(Strategy):
+    """Decoding variants ordered by what the error profile says is wrong."""
+
+    name = "generation_params"
+    family = "decoding"
+    trains = False
+    summary = "max new tokens, stop strings, beams, repetition penalty, MMBench likelihood mode"
+
+    def variants(self, ctx: Context) -> list[Variant]:
+        """Every applicable variant, highest score first (see the module docstring)."""
+        scored = []
+        table = [*GQA_VARIANTS, *MMB_VARIANTS]
+        for order, (variant, fixes_format) in enumerate(table):
+            mode = ctx.champion.eval_configs[variant.benchmark].mode
+            if mode == "likelihood":
+                continue  # nothing is generated: decoding settings change nothing
+            fmt = share(ctx, variant.benchmark, "format_mismatch")
+            score = fmt if fixes_format else 0.5 * (1.0 - fmt)
+            scored.append((-score, order, variant))
+        return [v for _, _, v in sorted(scored, key=lambda s: (s[0], s[1]))]
+
+    def propose(self, ctx: Context) -> Candidate:
+        found = first_untried(ctx, self.variants(ctx))
+        if found is None:
+            raise Exhausted("every decoding variant has been evaluated with this champion")
+        variant, config = found
+        fmt = share(ctx, variant.benchmark, "format_mismatch")
+        why = (f"{fmt:.0%} of the champion's {variant.benchmark} dev errors are format "
+               f"mismatches; next untried decoding variant '{variant.name}'")
+        log.info("generation_params: %s", why)
+        return variant_candidate(ctx, self.name, variant, config, why)
+
+    def estimate_cost(self, ctx: Context) -> float:
+        """One dev evaluation, scaled for the benchmark the next variant changes."""
+        found = first_untried(ctx, self.variants(ctx))
+        if found is None:
+            return self.eval_cost(ctx)
+        variant, config = found
+        total = 0.0
+        for b, n in ctx.dev_sizes.items():
+            factor = 1.0
+            if b == variant.benchmark:
+                factor = LIKELIHOOD_COST_FACTOR if config.mode == "likelihood" else config.num_beams
+            total += factor * ctx.rates.eval_s_per_sample[b] * n
+        return total
+
