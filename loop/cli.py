@@ -29,14 +29,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure_logging(verbose: bool, quiet: bool) -> None:
+    import os
+
+    # datasets' own bars ("Generating split", "Creating parquet") are noise next to ours.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", force=True)
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if quiet:
-        import os
-
         os.environ["TQDM_DISABLE"] = "1"
 
 

@@ -79,14 +79,11 @@ class Workbench:
 
     @cached_property
     def protected(self) -> dict[str, set[str]]:
-        """What training data must not contain: every evaluation image and question item."""
-        images, questions = set(), set()
-        for b, records in self.examples.items():
-            for e in records:
-                questions.add(e["id"] if b == "gqa_ru" else f"mmbench:{e['question']}")
-                if b == "gqa_ru":
-                    images.add(e["imageId"])
-        return {"images": images, "questions": questions}
+        """What training data must not contain: every evaluation image (by id and by pixel
+        digest) and question, of dev and final alike (``strategies.guard``)."""
+        from strategies.guard import protected_keys
+
+        return protected_keys([e for b in BENCHMARKS for e in self.examples[b]], digests=True)
 
     def final_sizes(self, seconds: float, twice: bool) -> dict[str, int]:
         """Final questions per benchmark that fit in ``seconds`` at the measured rates."""
