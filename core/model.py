@@ -193,14 +193,20 @@ def load_vlm(source: str | Path, *, options: LoadOptions | None = None,
 
 
 def nf4_config(compute_dtype: str):
-    """4-bit NF4 with double quantization; vision tower, projector and lm_head stay unquantized."""
+    """4-bit NF4 with double quantization; vision tower, projector and lm_head stay unquantized.
+
+    transformers 5 matches skip names from the start of the full module path (or as a suffix),
+    so the nested ``model.vision_tower`` needs the ``.*`` patterns; the plain names are what
+    transformers 4 matched as substrings.
+    """
     import torch
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
-        llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
+        llm_int8_skip_modules=[".*vision_tower", ".*multi_modal_projector", "lm_head",
+                               "vision_tower", "multi_modal_projector"])
 
 
 def _not_found(source: str, exc: Exception) -> str:

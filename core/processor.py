@@ -2,7 +2,11 @@
 
 Labels are -100 everywhere except the assistant's tokens, each assistant turn's
 ``<|eot_id|>`` included, so the model learns to stop. Truncation never cuts image tokens:
-whole trailing turns are dropped first, then the last answer is shortened, and both are counted.
+whole trailing turns are dropped first, then the last answer is shortened, and both are counted;
+a record whose prompt alone does not fit is skipped and counted.
+
+:class:`LLaVADataProcessor` does this for SFT records (``core.sft``): it loads each image,
+skips and counts records whose image is missing or unreadable, and collates batches.
 """
 
 from __future__ import annotations
@@ -19,10 +23,17 @@ IMAGE_PLACEHOLDER = "<image>"
 class Encoded:
     input_ids: list[int]
     labels: list[int]
-    image: Any  # PIL image
+    image: Any
+    """A PIL image, a path to one (opened again in ``collate``), or None for text only."""
+    record_id: str = ""
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def n_targets(self) -> int:
+        """Tokens that carry a label (the loss is averaged over these)."""
+        return sum(1 for t in self.labels if t != IGNORE_INDEX)
 
 
 @dataclass
@@ -67,9 +78,12 @@ def encode_conversation(processor, image, turns: list[tuple[str, str]], *,
                         max_length: int = 2048, stats: EncodeStats | None = None) -> Encoded:
     """Encode ``turns`` [(user, assistant), ...] about one image.
 
-    The image placeholder goes in front of the first user turn. Each template segment is
-    tokenized on its own, which matches tokenizing the whole text because the template's
-    segment boundaries are special tokens.
+    The image placeholder goes in front of the first user turn (none when ``image`` is None).
+    Each template segment is tokenized on its own, which matches tokenizing the whole text
+    because the template's segment boundaries are special tokens.
+
+    Raises:
+        ValueError: the first prompt alone (with its image tokens) is longer than max_length.
     """
     tok = processor.tokenizer
     n_img = image_token_count(processor)
@@ -78,7 +92,7 @@ def encode_conversation(processor, image, turns: list[tuple[str, str]], *,
     labels: list[int] = []
     rendered = ""
     for i, (user, assistant) in enumerate(turns):
-        messages.append(user_message(user, with_image=i == 0))
+        messages.append(user_message(user, with_image=i == 0 and image is not None))
         prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         messages.append({"role": "assistant", "content": assistant})
         full = tok.apply_chat_template(messages, tokenize=False)
@@ -121,9 +135,20 @@ def collate(batch: list[Encoded], processor, pad_side: str = "right") -> dict:
         input_ids[row, sl] = torch.tensor(e.input_ids)
         labels[row, sl] = torch.tensor(e.labels)
         attention[row, sl] = 1
-    pixels = processor.image_processor([e.image for e in batch], return_tensors="pt")["pixel_values"]
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
-            "pixel_values": pixels}
+    out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+    images = [_open(e.image) for e in batch if e.image is not None]
+    if images:
+        out["pixel_values"] = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    return out
+
+
+def _open(image):
+    if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
+        from PIL import Image
+
+        with Image.open(image) as img:
+            return img.convert("RGB")
+    return image
 
 
 def length_grouped(encoded: list[Encoded], batch_size: int, rng) -> list[list[int]]:
@@ -132,3 +157,60 @@ def length_grouped(encoded: list[Encoded], batch_size: int, rng) -> list[list[in
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+class LLaVADataProcessor:
+    """SFT records to model inputs: template, labels, truncation, images, collation.
+
+    Args:
+        processor: the model's LlavaProcessor.
+        max_length: longest sequence in tokens, image tokens included.
+
+    ``stats`` counts what was skipped or shortened: ``image_missing`` (absent or unreadable
+    image), ``too_long`` (the prompt with its image tokens does not fit), ``turns_dropped``,
+    ``answers_shortened``.
+    """
+
+    def __init__(self, processor, *, max_length: int = 1024):
+        self.processor = processor
+        self.max_length = max_length
+        self.stats = EncodeStats()
+
+    def encode(self, record: dict) -> Encoded | None:
+        """One record, or None when it is skipped (and counted in ``stats``)."""
+        from core.sft import load_image, record_turns
+
+        image = record["image"]
+        if image is not None:
+            loaded = load_image(image)
+            if loaded is None:
+                self.stats.counts["image_missing"] += 1
+                return None
+            if not isinstance(image, str):
+                image = loaded  # in-memory: keep the RGB copy; a path is opened again in collate
+        try:
+            enc = encode_conversation(self.processor, image, record_turns(record),
+                                      max_length=self.max_length, stats=self.stats)
+        except ValueError:
+            self.stats.counts["too_long"] += 1
+            return None
+        enc.record_id = record["id"]
+        return enc
+
+    def encode_all(self, records: list[dict], *, progress: bool = False) -> list[Encoded]:
+        from tqdm.auto import tqdm
+
+        out = []
+        for record in tqdm(records, desc="encoding", unit="rec", disable=not progress,
+                           leave=False):
+            enc = self.encode(record)
+            if enc is not None:
+                out.append(enc)
+        return out
+
+    def collate(self, batch: list[Encoded]) -> dict:
+        return collate(batch, self.processor)
+
+    @staticmethod
+    def batches(encoded: list[Encoded], batch_size: int, rng) -> list[list[int]]:
+        return length_grouped(encoded, batch_size, rng)
