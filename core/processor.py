@@ -201,8 +201,8 @@ class LLaVADataProcessor:
         from tqdm.auto import tqdm
 
         out = []
-        for record in tqdm(records, desc="encoding", unit="rec", disable=not progress,
-                           leave=False):
+        quiet = {} if progress else {"disable": True}  # TQDM_DISABLE still applies
+        for record in tqdm(records, desc="encoding", unit="rec", leave=False, **quiet):
             enc = self.encode(record)
             if enc is not None:
                 out.append(enc)

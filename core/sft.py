@@ -171,14 +171,20 @@ def gqa_to_sft(example: dict, *, instruction: str = GQA_INSTRUCTION,
     """A GQA-ru train question (``core.data.load_gqa`` row) as a one-turn SFT record.
 
     The prompt is the evaluation's (``"{question}\\nОтветь одним словом."``) and the answer the
-    short gold answer (or ``fullAnswer``). None when the example's image is missing.
+    short gold answer (or ``fullAnswer``). The image is ``example["image"]`` or, for rows of
+    ``core.data.load_gqa``, decoded from its lazy ``_image`` loader. None when it is missing.
     """
-    if not example.get("image_ok", example.get("image") is not None):
+    image = example.get("image")
+    if image is None and "_image" in example:
+        from core.data import load_image as load_dataset_image
+
+        image, _ = load_dataset_image(example)
+    if image is None or not example.get("image_ok", True):
         return None
     prompt = f"{example['question']}\n{instruction}" if instruction else example["question"]
     answer = example["fullAnswer"] if full_answer else example["answer"]
     types = example.get("types") or {}
-    return {"id": f"gqa-{example['id']}", "image": example["image"],
+    return {"id": f"gqa-{example['id']}", "image": image,
             "conversations": [{"from": "human", "value": prompt},
                               {"from": "gpt", "value": str(answer)}],
             "source": "gqa_train",

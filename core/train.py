@@ -292,59 +292,21 @@ def train_lora(vlm, records: list[dict], config: TrainConfig, out_dir: str | Pat
     state = _State(micro_batch_size=min(config.micro_batch_size or profile.micro_batch_size,
                                         config.batch_size))
     ckpt_dir = out_dir / CHECKPOINT_DIR
-    if resume and (ckpt_dir / STATE_FILE).exists():
-        _restore(ckpt_dir, model, name, opt, sched, scaler, state, config, fingerprint)
-        result.resumed_from_step = state.step
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    log.info("training adapter '%s': %d examples, %d steps of %d samples (micro-batch %d), "
-             "%d trainable parameters, profile %s", name, len(encoded), plan.total_steps,
-             config.batch_size, state.micro_batch_size, sum(p.numel() for p in params),
-             profile.name)
-
     ctx = _Ctx(vlm, model, name, params, opt, sched, scaler, config, profile, hooks, data, device)
-    checkpointing = (profile.gradient_checkpointing if config.gradient_checkpointing is None
-                     else config.gradient_checkpointing)
-    status, error = "finished", None
-    last_ckpt, save_s, step_s = time.time(), 1.0, None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=plan.total_steps, initial=state.step, desc=f"train {name}", unit="step",
-               dynamic_ncols=True)
-    with _training_mode(model, checkpointing):
-        while state.step < plan.total_steps:
-            if deadline is not None and time.time() + (step_s or 0.0) * 1.2 + save_s > deadline:
-                status = "deadline"
-                log.info("stopping adapter '%s' at step %d/%d: the deadline is near", name,
-                         state.step, plan.total_steps)
-                break
-            t_step = time.time()
-            try:
-                loss = _run_step(ctx, plan.batch(state.step), state)
-            except _NonFinite as exc:
-                status, error = "failed_nan", str(exc)
-                break
-            except _OutOfMemory as exc:
-                status, error = "failed_oom", str(exc)
-                break
-            step_s = time.time() - t_step
-            state.train_seconds += step_s
-            state.step += 1
-            state.loss_curve.append(loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", mb=state.micro_batch_size,
-                            tok_s=f"{state.tokens / max(state.train_seconds, 1e-9):.0f}")
-            if hooks.after_step:
-                hooks.after_step(state.step, loss)
-            due = (config.checkpoint_every and state.step % config.checkpoint_every == 0) or (
-                config.checkpoint_every_s and time.time() - last_ckpt > config.checkpoint_every_s)
-            if due and state.step < plan.total_steps:
-                t_save = time.time()
-                if not _checkpoint(ctx, ckpt_dir, state, fingerprint):
-                    status, error = "failed_nan", f"adapter weights not finite at step {state.step}"
-                    break
-                last_ckpt, save_s = time.time(), max(1.0, 2 * (time.time() - t_save))
-    bar.close()
+    try:
+        if resume and (ckpt_dir / STATE_FILE).exists():
+            _restore(ckpt_dir, model, name, opt, sched, scaler, state, config, fingerprint)
+            result.resumed_from_step = state.step
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        log.info("training adapter '%s': %d examples, %d steps of %d samples (micro-batch %d), "
+                 "%d trainable parameters, profile %s", name, len(encoded), plan.total_steps,
+                 config.batch_size, state.micro_batch_size, sum(p.numel() for p in params),
+                 profile.name)
+        status, error = _steps(ctx, plan, state, ckpt_dir, fingerprint, deadline)
+    except BaseException:  # interrupted or a bug: leave the model as it was, then re-raise
+        remove_adapter(vlm, name)
+        raise
 
     _fill(result, state, device, status, error)
     if status in ("finished", "deadline") and state.step > 0:
@@ -390,6 +352,55 @@ class _Ctx:
 
 class _OutOfMemory(Exception):
     pass
+
+
+def _steps(ctx: _Ctx, plan: _Plan, state: _State, ckpt_dir: Path, fingerprint: str,
+           deadline: float | None) -> tuple[str, str | None]:
+    """Optimizer steps until done, the deadline, or a failure; returns (status, error)."""
+    from tqdm.auto import tqdm
+
+    config, name = ctx.config, ctx.name
+    checkpointing = (ctx.profile.gradient_checkpointing if config.gradient_checkpointing is None
+                     else config.gradient_checkpointing)
+    status, error = "finished", None
+    last_ckpt, save_s, step_s = time.time(), 1.0, None
+    bar = tqdm(total=plan.total_steps, initial=state.step, desc=f"train {name}", unit="step",
+               dynamic_ncols=True)
+    with _training_mode(ctx.model, checkpointing):
+        while state.step < plan.total_steps:
+            if deadline is not None and time.time() + (step_s or 0.0) * 1.2 + save_s > deadline:
+                status = "deadline"
+                log.info("stopping adapter '%s' at step %d/%d: the deadline is near", name,
+                         state.step, plan.total_steps)
+                break
+            t_step = time.time()
+            try:
+                loss = _run_step(ctx, plan.batch(state.step), state)
+            except _NonFinite as exc:
+                status, error = "failed_nan", str(exc)
+                break
+            except _OutOfMemory as exc:
+                status, error = "failed_oom", str(exc)
+                break
+            step_s = time.time() - t_step
+            state.train_seconds += step_s
+            state.step += 1
+            state.loss_curve.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", mb=state.micro_batch_size,
+                            tok_s=f"{state.tokens / max(state.train_seconds, 1e-9):.0f}")
+            if ctx.hooks.after_step:
+                ctx.hooks.after_step(state.step, loss)
+            due = (config.checkpoint_every and state.step % config.checkpoint_every == 0) or (
+                config.checkpoint_every_s and time.time() - last_ckpt > config.checkpoint_every_s)
+            if due and state.step < plan.total_steps:
+                t_save = time.time()
+                if not _checkpoint(ctx, ckpt_dir, state, fingerprint):
+                    status, error = "failed_nan", f"adapter weights not finite at step {state.step}"
+                    break
+                last_ckpt, save_s = time.time(), max(1.0, 2 * (time.time() - t_save))
+    bar.close()
+    return status, error
 
 
 def _run_step(ctx: _Ctx, batch: list, state: _State) -> float:

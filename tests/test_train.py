@@ -241,10 +241,12 @@ def test_resume_after_a_kill_continues_from_the_checkpoint(tiny_vlm_factory, tmp
         if event.step == 3:
             raise KeyboardInterrupt
 
+    killed = tiny_vlm_factory()
     with pytest.raises(KeyboardInterrupt):
-        train_lora(tiny_vlm_factory(), records, config, tmp_path / "run", adapter_name="x",
+        train_lora(killed, records, config, tmp_path / "run", adapter_name="x",
                    hooks=TrainHooks(before_micro_step=kill))
     assert (tmp_path / "run" / "checkpoint").is_dir()
+    assert not killed.adapters and not hasattr(killed.model, "peft_config")  # left as it was
     resumed = tiny_vlm_factory()
     result = train_lora(resumed, records, config, tmp_path / "run", adapter_name="x", resume=True)
     assert result.status == "finished" and result.resumed_from_step == 2 and result.steps == 4
@@ -344,3 +346,19 @@ def test_4bit_nf4_on_cpu_trains_saves_and_reloads(tiny_vlm_factory, tmp_path):
     trained = _logits(vlm, records[:2])
     reloaded = tiny_vlm_factory(options=options, adapter=tmp_path / "q4")
     assert torch.allclose(_logits(reloaded, records[:2]), trained, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the command
+
+def test_train_command_on_a_jsonl_file(tiny_vlm_dir, tmp_path, capsys):
+    from core.sft import write_sft_jsonl
+    from loop.cli import main
+
+    path = write_sft_jsonl(_records(8), tmp_path / "data" / "sft.jsonl")
+    rc = main(["-q", "train", "--source", str(path), "--model", str(tiny_vlm_dir),
+               "--steps", "2", "--batch-size", "4", "--lr", "5e-3", "--gpu", "cpu",
+               "--eval-limit", "0", "--out", str(tmp_path / "cli"), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0 and report["train"]["status"] == "finished" and report["records"] == 8
+    assert (tmp_path / "cli" / METADATA_FILE).exists()
+    assert main(["train", "--source", "nonsense", "--model", str(tiny_vlm_dir)]) == 2

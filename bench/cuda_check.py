@@ -1,0 +1,156 @@
+"""A short check of the CUDA training paths on a tiny random LLaVA; skips without a GPU.
+
+Checks, each printed PASS or FAIL with its figures:
+
+1. 4-bit NF4 load on CUDA: only language-model linears quantized (vision tower, projector,
+   lm_head stay fp16), weights on the GPU.
+2. t4 profile training: fp16 autocast with a GradScaler, LoRA weights fp32, gradient
+   checkpointing, paged 8-bit AdamW; loss finite and falling, LoRA weights moved.
+3. OOM backoff: a real CUDA out-of-memory (an impossible allocation inside the step) makes the
+   trainer halve the micro-batch and finish with the same effective batch.
+4. Adapter round trip on CUDA: reload the 4-bit base with the adapter, same logits.
+5. bf16 profile (a100/h100) when the GPU has bf16.
+
+    .venv/bin/python bench/cuda_check.py
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CORPUS = ["Есть ли на картинке красный квадрат?", "Ответь одним словом.", "да", "нет",
+          "красный", "синий", "зелёный", "На картинке синий квадрат.", "Какого цвета квадрат?"]
+COLORS = {"красный": (220, 30, 30), "синий": (30, 30, 220), "зелёный": (30, 200, 30)}
+
+
+def records(n: int) -> list[dict]:
+    from PIL import Image
+
+    names = list(COLORS)
+    out = []
+    for i in range(n):
+        shown, asked = names[i % 3], names[(i // 3) % 3]
+        out.append({"id": f"r{i}", "image": Image.new("RGB", (48, 48), COLORS[shown]),
+                    "source": "cuda_check", "conversations": [
+                        {"from": "human", "value": f"Есть ли на картинке {asked} квадрат?\n"
+                                                   "Ответь одним словом."},
+                        {"from": "gpt", "value": "да" if shown == asked else "нет"}]})
+    return out
+
+
+def logits(vlm, recs):
+    import torch
+
+    from core.processor import LLaVADataProcessor
+
+    proc = LLaVADataProcessor(vlm.processor)
+    batch = proc.collate(proc.encode_all(recs))
+    batch.pop("labels")
+    with torch.no_grad():
+        return vlm.model(**{k: v.to(vlm.device) for k, v in batch.items()}).logits.float()
+
+
+def main() -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("cuda_check: no CUDA GPU visible to torch; skipped (nothing to check on CPU).")
+        return 0
+    logging.basicConfig(level=logging.WARNING)
+    import bitsandbytes as bnb
+
+    from core.demo.tiny_model import build_tiny_llava, train_tokenizer
+    from core.device import detect_gpu, resolve_profile
+    from core.model import load_vlm
+    from core.train import TrainConfig, TrainHooks, train_lora
+
+    gpu = detect_gpu()
+    print(f"cuda_check on {gpu.name} (compute capability {gpu.capability[0]}."
+          f"{gpu.capability[1]}, {gpu.memory_gb} GB), torch {torch.__version__}, "
+          f"bitsandbytes {bnb.__version__}")
+    results: list[tuple[str, bool, str]] = []
+
+    def check(name: str, ok: bool, detail: str) -> None:
+        results.append((name, bool(ok), detail))
+        print(f"[{'PASS' if ok else 'FAIL'}] {name}: {detail}", flush=True)
+
+    tmp = Path(tempfile.mkdtemp(prefix="cuda_check-"))
+    model, processor = build_tiny_llava(train_tokenizer(CORPUS * 8), seed=0)
+    model.save_pretrained(tmp / "base")
+    processor.save_pretrained(tmp / "base")
+    t4 = resolve_profile("t4", micro_batch_size=4)
+    data = records(32)
+
+    # 1. 4-bit load
+    vlm = load_vlm(tmp / "base", options=t4.load_options())
+    quantized = [n for n, m in vlm.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    vision_dtypes = {str(p.dtype) for n, p in vlm.model.named_parameters() if "vision_tower" in n}
+    check("4-bit NF4 load", quantized and all(".language_model." in n for n in quantized)
+          and vlm.device.type == "cuda" and vision_dtypes == {"torch.float16"},
+          f"{len(quantized)} Linear4bit modules, all in the language model; vision tower "
+          f"{sorted(vision_dtypes)}; device {vlm.device}")
+
+    # 2. t4 training: fp16 autocast + scaler + checkpointing + paged 8-bit AdamW
+    t0 = time.time()
+    result = train_lora(vlm, data[:16], TrainConfig(steps=6, batch_size=8, lr=5e-3),
+                        tmp / "t4", profile=t4, adapter_name="t4")
+    lora = {n: p for n, p in vlm.model.named_parameters() if "lora_" in n and ".t4." in n}
+    moved = any(float(p.abs().sum()) > 0 for n, p in lora.items() if "lora_B" in n)
+    curve = result.loss_curve
+    check("t4 training (fp16 autocast, GradScaler, checkpointing, paged AdamW 8-bit)",
+          result.status == "finished" and moved and curve and curve[-1] < curve[0]
+          and {str(p.dtype) for p in lora.values()} == {"torch.float32"},
+          f"status {result.status}, loss {curve[0] if curve else None} -> "
+          f"{curve[-1] if curve else None}, LoRA dtypes {sorted({str(p.dtype) for p in lora.values()})}, "
+          f"{result.tokens_per_s} tokens/s, peak {result.peak_memory_gb} GB, "
+          f"{time.time() - t0:.1f} s")
+
+    # 3. OOM backoff with a real CUDA out-of-memory error
+    def real_oom(event):
+        if event.micro_batch_size > 1:
+            torch.empty(int(gpu.memory_gb * 2e9), dtype=torch.uint8, device="cuda")
+
+    result = train_lora(vlm, data[16:], TrainConfig(steps=2, batch_size=8, lr=5e-3),
+                        tmp / "oom", profile=t4, adapter_name="oom",
+                        hooks=TrainHooks(before_micro_step=real_oom))
+    check("OOM backoff", result.status == "finished" and result.micro_batch_size == 1
+          and result.oom_retries == 2 and result.samples == 16,
+          f"status {result.status}, micro-batch 4 -> {result.micro_batch_size}, "
+          f"{result.oom_retries} retries, {result.samples} samples in {result.steps} steps")
+
+    # 4. round trip of the t4 adapter on a fresh 4-bit base
+    vlm.set_adapter("t4")
+    before = logits(vlm, data[:4])
+    fresh = load_vlm(tmp / "base", options=t4.load_options(), adapter=tmp / "t4")
+    diff = float((logits(fresh, data[:4]) - before).abs().max())
+    check("adapter round trip (4-bit, CUDA)", diff < 1e-2, f"max |logit difference| {diff:.2e}")
+    del vlm, fresh
+    torch.cuda.empty_cache()
+
+    # 5. bf16 profile
+    if gpu.bf16:
+        bf = resolve_profile("auto")
+        vlm = load_vlm(tmp / "base", options=bf.load_options())
+        result = train_lora(vlm, data, TrainConfig(steps=4, batch_size=8, lr=5e-3),
+                            tmp / "bf16", profile=bf, adapter_name="bf16")
+        curve = result.loss_curve
+        check(f"{bf.name} profile (bf16 autocast, no scaler)",
+              result.status == "finished" and curve[-1] < curve[0],
+              f"loss {curve[0]} -> {curve[-1]}, {result.tokens_per_s} tokens/s")
+    else:
+        print("[SKIP] bf16 profile: this GPU has no bf16")
+
+    failed = [name for name, ok, _ in results if not ok]
+    print(f"cuda_check: {len(results) - len(failed)}/{len(results)} passed"
+          + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""LoRA SFT speed on the demo model on this machine, and the T4 estimate for LLaVA-Saiga-8B.
+
+Prints tokens/s, seconds per step and per sample, and peak memory for a short LoRA run on
+GQA-ru demo train questions (cpu profile, or the one ``--gpu`` names); then the derivation of
+the T4 priors that ``core.device.t4_priors()`` gives the loop's cost model.
+
+    .venv/bin/python bench/train_speed.py [--steps 20] [--batch-size 16] [--4bit] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def measure(steps: int, batch_size: int, gpu: str, load_in_4bit: bool | None,
+            checkpointing: bool | None) -> dict:
+    import random
+
+    import torch
+
+    from core.data import load_gqa
+    from core.device import resolve_profile
+    from core.model import load_vlm
+    from core.sft import gqa_records
+    from core.train import TrainConfig, train_lora
+    from loop.sources import resolve_sources
+
+    sources = resolve_sources("demo")
+    profile = resolve_profile(gpu, load_in_4bit=load_in_4bit)
+    rows = random.Random(0).sample(load_gqa(sources.data.gqa, "train"), (steps + 2) * batch_size)
+    records = gqa_records(rows)
+    vlm = load_vlm(sources.model, options=profile.load_options())
+    with tempfile.TemporaryDirectory() as tmp:
+        # Two warm-up steps, then the measured run on a fresh adapter.
+        train_lora(vlm, records[:2 * batch_size], TrainConfig(steps=2, batch_size=batch_size),
+                   Path(tmp) / "warmup", profile=profile)
+        config = TrainConfig(steps=steps, batch_size=batch_size, lr=3e-3,
+                             gradient_checkpointing=checkpointing, checkpoint_every=0,
+                             checkpoint_every_s=0)
+        t0 = time.perf_counter()
+        result = train_lora(vlm, records[2 * batch_size:], config, Path(tmp) / "measured",
+                            profile=profile)
+        wall = time.perf_counter() - t0
+    return {"device": profile.device, "profile": profile.name, "load_in_4bit": profile.load_in_4bit,
+            "gradient_checkpointing": (profile.gradient_checkpointing if checkpointing is None
+                                       else checkpointing),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "steps": result.steps, "batch_size": batch_size,
+            "micro_batch_size": result.micro_batch_size, "status": result.status,
+            "tokens_per_s": result.tokens_per_s, "step_seconds": result.step_seconds,
+            "train_s_per_sample": round(1 / result.samples_per_s, 4) if result.samples_per_s else None,
+            "tokens_per_sample": round(result.tokens / max(result.samples, 1), 1),
+            "wall_seconds_with_encoding_and_save": round(wall, 2),
+            "peak_memory_gb": result.peak_memory_gb, "memory_kind": result.memory_kind,
+            "loss_first_last": [result.loss_curve[0], result.loss_curve[-1]]
+            if result.loss_curve else None}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--gpu", default="cpu", help="profile to measure (default cpu)")
+    parser.add_argument("--4bit", dest="load_in_4bit", action="store_true",
+                        help="4-bit NF4 base (bitsandbytes; works on CPU too)")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="gradient checkpointing on (the t4 profile's setting)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    from core.device import t4_estimate
+
+    measured = measure(args.steps, args.batch_size, args.gpu, args.load_in_4bit or None,
+                       args.checkpointing or None)
+    figures, derivation = t4_estimate()
+    if args.json:
+        print(json.dumps({"measured": measured, "t4_priors": figures,
+                          "t4_derivation": derivation}, ensure_ascii=False, indent=2))
+        return 0
+    m = measured
+    print(f"LoRA SFT on the demo model ({m['device']}, profile {m['profile']}, "
+          f"{'4-bit NF4' if m['load_in_4bit'] else 'fp32'}, checkpointing "
+          f"{'on' if m['gradient_checkpointing'] else 'off'}, torch {m['torch']}, "
+          f"{m['threads']} threads)")
+    print(f"  {m['steps']} steps x {m['batch_size']} samples (micro-batch "
+          f"{m['micro_batch_size']}), {m['tokens_per_sample']} tokens per sample, status "
+          f"{m['status']}")
+    print(f"  tokens/s            {m['tokens_per_s']}")
+    print(f"  seconds per step    {m['step_seconds']}")
+    print(f"  seconds per sample  {m['train_s_per_sample']}")
+    print(f"  peak memory         {m['peak_memory_gb']} GB ({m['memory_kind']})")
+    print(f"  loss first -> last  {m['loss_first_last']}")
+    print()
+    print("LLaVA-Saiga-8B on a T4, t4 profile (estimate; core.device.t4_priors()):")
+    for line in derivation:
+        print(f"  - {line}")
+    print("  priors: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
