@@ -106,7 +106,11 @@ def pretrain_verbose(model, processor, examples, seed: int, **overrides) -> list
     rng = random.Random(seed)
     encoded = [encode_conversation(processor, img, turns, max_length=cfg["max_length"])
                for img, turns in examples]
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
+    # As in LLaVA, the vision tower (pretrained in stage 0) stays frozen.
+    tower = model.model.vision_tower if hasattr(model, "model") else model.vision_tower
+    tower.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg["warmup"]) * max(0.05, 1 - s / cfg["steps"]))
     model.train()
@@ -116,7 +120,7 @@ def pretrain_verbose(model, processor, examples, seed: int, **overrides) -> list
             batch = collate([encoded[i] for i in batch_idx], processor)
             loss = model(**batch).loss
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -128,6 +132,7 @@ def pretrain_verbose(model, processor, examples, seed: int, **overrides) -> list
             if step >= cfg["steps"]:
                 break
     model.eval()
+    tower.requires_grad_(True)
     return losses
 
 
