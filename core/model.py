@@ -151,9 +151,20 @@ class VLM:
         self.active_adapter = name
 
     def delete_adapter(self, name: str) -> None:
-        if name in self.adapters and name != self.active_adapter:
-            self.model.delete_adapter(name)
-            del self.adapters[name]
+        """Unload adapter ``name`` (never the active one) to free its memory.
+
+        PEFT cannot hold zero adapters, so the last one stays loaded (disabled while the base
+        model is active). PEFT's own active adapter is moved off ``name`` before deleting it.
+        """
+        if name not in self.adapters or name == self.active_adapter:
+            return
+        remaining = [a for a in self.adapters if a != name]
+        if not remaining:
+            return
+        self.model.set_adapter(self.active_adapter or remaining[0])
+        self.model.delete_adapter(name)
+        del self.adapters[name]
+        self.set_adapter(self.active_adapter)
 
 
 def _cut(text: str, stops: list[str]) -> str:

@@ -71,6 +71,10 @@ class RunConfig:
             raise UserError("invalid run configuration: " + "; ".join(problems))
 
 
+# The usual LoRA learning rate of each preset's base model (strategies may search around it).
+TRAIN_LR = {"saiga": 2e-4, "demo": 2e-3}
+
+
 class Loop:
     """One run of the loop. ``Loop(config, store).run()`` returns the run id."""
 
@@ -199,7 +203,7 @@ class Loop:
         if cfg.max_cycles is not None and len(self.history) >= cfg.max_cycles:
             return None
         while True:
-            profiles = {b: self.bench.profile(s) for b, s in scores.items()}
+            profiles = {b: self.bench.error_profile(s) for b, s in scores.items()}
             ctx = self.context(champion, profiles, self.budget.left_for_cycles())
             costs = {name: strategies.get(name).estimate_cost(ctx) for name in cfg.strategies}
             choice = choose(profiles, self.history, costs, self.budget.left_for_cycles(),
@@ -232,8 +236,9 @@ class Loop:
             raise
         except Exception as exc:  # a broken remedy is recorded and the run goes on
             log.exception("strategy %s failed", choice.strategy)
-            return self.record_cycle(index, choice, champion, None, {}, "failed", t0,
-                                     error=f"{type(exc).__name__}: {exc}"), scores
+            self.record_cycle(index, choice, champion, None, {}, "failed", t0,
+                              error=f"{type(exc).__name__}: {exc}")
+            return champion, scores
         candidate.adapter_id = self._adapter_id(candidate.adapter_path, champion)
         results = {b: self.score_candidate(candidate, champion, scores, b, index)
                    for b in BENCHMARKS}
@@ -317,7 +322,8 @@ class Loop:
             evaluate=lambda b, config, *, adapter_path, examples=None: bench.run_eval(
                 b, config, adapter_path, examples if examples is not None else bench.tune[b]),
             tune_examples=bench.tune, optuna_storage=self.store.optuna_storage_url(),
-            profile_name=bench.profile.name, preset=self.config.preset)
+            profile_name=bench.profile.name, preset=self.config.preset, run_id=self.run_id,
+            train_lr=TRAIN_LR[self.config.preset])
 
     def _adapter_id(self, path: str | None, champion: Candidate) -> int | None:
         if path is None:

@@ -19,6 +19,7 @@ from typing import Any
 from core.data import load_benchmark
 from core.errors import BenchmarkOptimizer
 from core.evaluate import EvalConfig, evaluate, summarize
+from core.exceptions import UserError
 from core.splits import make_splits, stratified_subset
 from loop.budget import Budget, CostModel, dev_subset_size, final_subset_size
 from strategies.base import BENCHMARKS, Candidate
@@ -62,7 +63,10 @@ class Workbench:
             records = load_benchmark(b, self.sources.data)
             splits = make_splits(records, seed=self.seed)
             rate = self.costs.rates.eval_s_per_sample[b]
-            n_dev = dev_size or dev_subset_size(rate, self.budget.left_for_cycles(), len(splits["dev"]))
+            # At most 70% of dev decides, so that searching strategies have questions of
+            # their own (``tune``) and never select on the paired test's questions.
+            n_dev = dev_size or dev_subset_size(rate, self.budget.left_for_cycles(),
+                                                int(0.7 * len(splits["dev"])))
             n_final = final_size or final_subset_size(rate, self.budget.reserve_s,
                                                       len(splits["final"]))
             self.examples[b] = records
@@ -70,6 +74,9 @@ class Workbench:
             chosen = {e["id"] for e in self.dev[b]}
             rest = [e for e in splits["dev"] if e["id"] not in chosen]
             self.tune[b] = stratified_subset(rest, max(1, len(self.dev[b]) // 2), seed=self.seed)
+            if not self.tune[b]:
+                raise UserError(f"the {b} dev split has {len(splits['dev'])} questions: too few to "
+                                f"keep some apart for searching (--dev-size {len(self.dev[b])})")
             self.final[b] = stratified_subset(splits["final"], n_final, seed=self.seed)
             self.by_id[b] = {e["id"]: e for e in records}
             sizes[b] = {"total": len(records), "dev": len(splits["dev"]), "final": len(splits["final"]),
@@ -164,7 +171,7 @@ class Workbench:
         return Scored(b, samples, ev["metrics"] or summarize(b, samples), eval_id,
                       (cand.get("eval_configs") or {}).get(b, {}), cand.get("adapter_path"))
 
-    def profile(self, scored: Scored):
+    def error_profile(self, scored: Scored):
         samples = [{"example": self.by_id[scored.benchmark][s["sample_id"]],
                     "prediction": s.get("parsed") or s.get("output") or "",
                     "image_ok": s["image_ok"], "labels": list(s.get("labels") or [])}

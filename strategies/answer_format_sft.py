@@ -32,7 +32,7 @@ TIME_SHARE = 0.5
 """Share of the time left after the dev evaluation that data and training may use: the rest
 stays for later cycles (``ctx.time_left_s`` is what all remaining cycles may spend)."""
 INSTRUCT_SHARE = 0.15
-LR, RANK, DROPOUT = 2e-4, 16, 0.05
+RANK, DROPOUT = 16, 0.05
 
 
 def profile_mix(ctx: Context) -> Mix:
@@ -50,9 +50,12 @@ class AnswerFormatSFT(Strategy):
     trains = True
     summary = "LoRA SFT on short GQA-ru answers and GQA-built multiple choice (+ LLaVA-Instruct)"
 
+    def budget(self, ctx: Context) -> float:
+        """Seconds for building the data and training."""
+        return TIME_SHARE * (ctx.time_left_s - self.eval_cost(ctx)) - ctx.rates.load_s
+
     def plan(self, ctx: Context) -> TrainPlan | None:
-        budget = TIME_SHARE * (ctx.time_left_s - self.eval_cost(ctx)) - ctx.rates.load_s
-        return plan_training(ctx, budget)
+        return plan_training(ctx, self.budget(ctx))
 
     def propose(self, ctx: Context) -> Candidate:
         clock = Clock(ctx)
@@ -67,9 +70,11 @@ class AnswerFormatSFT(Strategy):
         mix = profile_mix(ctx)
         records, data_info = SFTDataBuilder(ctx).build(plan.n_records, mix, seed)
         data_file = write_sft_jsonl(records, ctx.workdir / "answer_format_sft.jsonl")
-        config = TrainConfig(steps=plan.steps, batch_size=plan.batch_size, lr=LR, rank=RANK,
+        config = TrainConfig(steps=plan.steps, batch_size=plan.batch_size, lr=ctx.train_lr, rank=RANK,
                              alpha=2 * RANK, dropout=DROPOUT, seed=seed)
-        deadline_s = clock.left(reserve=self.eval_cost(ctx))
+        # the budget bounds training even when the measured rates were too optimistic
+        deadline_s = min(clock.left(reserve=self.eval_cost(ctx)),
+                         self.budget(ctx) - clock.elapsed())
         if deadline_s <= 0:
             raise ProposalFailed(f"building the data took {clock.elapsed():.0f} s; no time "
                                  "is left to train")

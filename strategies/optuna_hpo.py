@@ -36,7 +36,7 @@ MAX_TRIAL_SAMPLES = 100 * 16
 TIME_SHARE = 0.6
 """Share of the time left after the dev evaluation that one cycle's trials may use."""
 MAX_TUNE_PER_BENCHMARK = 200
-DEFAULT_PARAMS = {"lr": 2e-4, "rank": 16, "alpha_mult": 2, "dropout": 0.05, "steps_frac": 1.0,
+DEFAULT_PARAMS = {"rank": 16, "alpha_mult": 2, "dropout": 0.05, "steps_frac": 1.0,
                   "choice_share": 0.3, "instruct_share": 0.15}
 
 
@@ -57,10 +57,11 @@ def fail_stale_trials(study) -> list[int]:
     return stale
 
 
-def suggest(trial) -> tuple[dict, Mix]:
-    """The trial's hyper-parameters (TrainConfig fields) and data mix."""
+def suggest(trial, base_lr: float) -> tuple[dict, Mix]:
+    """The trial's hyper-parameters (TrainConfig fields) and data mix; the learning rate is
+    searched from a quarter to five times the model's usual LoRA rate."""
     rank = trial.suggest_categorical("rank", [4, 8, 16, 32])
-    params = {"lr": trial.suggest_float("lr", 5e-5, 1e-3, log=True), "rank": rank,
+    params = {"lr": trial.suggest_float("lr", base_lr / 4, base_lr * 5, log=True), "rank": rank,
               "alpha": rank * trial.suggest_categorical("alpha_mult", [1, 2, 4]),
               "dropout": trial.suggest_float("dropout", 0.0, 0.2),
               "steps_frac": trial.suggest_float("steps_frac", 0.3, 1.0)}
@@ -125,7 +126,7 @@ class OptunaHPO(Strategy):
         stale = fail_stale_trials(study)
         study.sampler = optuna.samplers.TPESampler(seed=ctx.seed + len(study.trials))
         if not study.trials:
-            study.enqueue_trial(DEFAULT_PARAMS)
+            study.enqueue_trial({**DEFAULT_PARAMS, "lr": ctx.train_lr})
         builder = SFTDataBuilder(ctx)
         ran = []
         for i in range(n_trials):
@@ -143,7 +144,7 @@ class OptunaHPO(Strategy):
         trial = study.ask()
         started = clock.elapsed()
         try:
-            params, mix = suggest(trial)
+            params, mix = suggest(trial, ctx.train_lr)
             plan = plan_training(ctx, seconds - self.tune_cost(ctx), params.pop("steps_frac"))
             if plan is None:
                 study.tell(trial, state=TrialState.FAIL)
