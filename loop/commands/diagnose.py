@@ -11,15 +11,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from loop.commands._common import (
-    BENCHMARKS,
-    GPU_PROFILES,
-    add_db_arg,
-    add_json_arg,
-    add_source_args,
-    format_table,
-    print_json,
-)
+from loop.commands._common import add_json_arg, format_table, print_json
+from loop.commands.eval import add_eval_args, check_eval_args, evaluate_from_args
 
 log = logging.getLogger(__name__)
 
@@ -29,23 +22,10 @@ def add_parser(sub) -> None:
                        description="Classify every error of an evaluation (format mismatch, "
                        "counting, colour, location, missing image, other) and recommend remedies. "
                        "Evaluates now, or reads stored predictions with --from-db.")
-    p.add_argument("--benchmark", choices=BENCHMARKS,
-                   help="the benchmark to evaluate (required unless --from-db)")
-    p.add_argument("--adapter", metavar="ID|PATH",
-                   help="a LoRA adapter: its id in the database or a PEFT folder")
-    p.add_argument("--split", choices=("dev", "final", "all"), default="dev",
-                   help="dev (decisions, default), final (held out), all")
-    p.add_argument("--limit", type=int, metavar="N",
-                   help="a fixed stratified subset of about N questions of the split")
-    p.add_argument("--batch-size", type=int, default=16, metavar="N")
-    p.add_argument("--mode", choices=("generate", "likelihood"), default="generate",
-                   help="MMBench-ru only: likelihood ranks the option texts (its own protocol)")
-    p.add_argument("--gpu", choices=GPU_PROFILES, default="auto", help="GPU profile (default auto)")
+    add_eval_args(p, benchmark_required=False)
     p.add_argument("--from-db", type=int, metavar="EVAL_ID",
                    help="profile the stored predictions of evaluation EVAL_ID in --db instead "
                    "of evaluating")
-    add_source_args(p)
-    add_db_arg(p)
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -57,12 +37,7 @@ def run(args: argparse.Namespace) -> int:
     if args.from_db is None and args.benchmark is None:
         raise UserError("diagnose needs --benchmark gqa_ru|mmbench_ru, or --from-db EVAL_ID "
                         "to read an evaluation already stored in --db")
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit must be a positive number of questions, but got {args.limit}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, but got {args.batch_size}")
-    if args.mode == "likelihood" and args.benchmark == "gqa_ru":
-        raise UserError("--mode likelihood applies to --benchmark mmbench_ru only")
+    check_eval_args(args)
     head, samples = _from_db(args) if args.from_db is not None else _evaluate(args)
     profile = BenchmarkOptimizer().profile(head["benchmark"], samples)
     out = {**head, "profile": profile.to_dict(), "recommendations": profile.recommendations()}
@@ -103,22 +78,7 @@ def _from_db(args) -> tuple[dict, list[dict]]:
 
 
 def _evaluate(args) -> tuple[dict, list[dict]]:
-    from core.data import load_benchmark
-    from core.evaluate import EvalConfig, evaluate
-    from core.splits import make_splits, stratified_subset
-    from loop.commands.eval import _adapter_path
-    from loop.runtime import load_model_for
-    from loop.sources import sources_from_args
-
-    sources = sources_from_args(args)
-    examples = load_benchmark(args.benchmark, sources.data)
-    if args.split != "all":
-        examples = make_splits(examples, seed=args.seed)[args.split]
-    if args.limit:
-        examples = stratified_subset(examples, args.limit, seed=args.seed)
-    vlm = load_model_for(sources.model, args.gpu, adapter=_adapter_path(args))
-    result = evaluate(vlm, examples, EvalConfig(mode=args.mode), batch_size=args.batch_size,
-                      progress=not args.quiet and not args.json)
+    examples, result, sources = evaluate_from_args(args)
     samples = [{"example": {k: v for k, v in ex.items() if not k.startswith("_")},
                 "prediction": s["output"], "image_ok": s["image_ok"], "labels": s["labels"]}
                for ex, s in zip(examples, result.samples, strict=True)]

@@ -22,7 +22,16 @@ def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate on GQA-ru or MMBench-ru (dev or final split)",
                        description="Evaluate the base model, or the base with a LoRA adapter, "
                        "on a fixed split, scored as lmms-eval scores it, with n and 95% intervals.")
-    p.add_argument("--benchmark", required=True, choices=BENCHMARKS)
+    add_eval_args(p, benchmark_required=True)
+    p.add_argument("--show", type=int, default=0, metavar="K",
+                   help="also print K example answers")
+    add_json_arg(p)
+    p.set_defaults(func=run)
+
+
+def add_eval_args(p, *, benchmark_required: bool) -> None:
+    """What to evaluate and how: shared by ``eval`` and ``diagnose``."""
+    p.add_argument("--benchmark", required=benchmark_required, choices=BENCHMARKS)
     p.add_argument("--adapter", metavar="ID|PATH",
                    help="a LoRA adapter: its id in the database or a PEFT folder")
     p.add_argument("--split", choices=("dev", "final", "all"), default="dev",
@@ -33,24 +42,23 @@ def add_parser(sub) -> None:
     p.add_argument("--mode", choices=("generate", "likelihood"), default="generate",
                    help="MMBench-ru only: likelihood ranks the option texts (its own protocol)")
     p.add_argument("--gpu", choices=GPU_PROFILES, default="auto", help="GPU profile (default auto)")
-    p.add_argument("--show", type=int, default=0, metavar="K",
-                   help="also print K example answers")
     add_source_args(p)
     add_db_arg(p)
-    add_json_arg(p)
-    p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def check_eval_args(args: argparse.Namespace) -> None:
     from core.exceptions import UserError
 
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be a positive number of questions, but got {args.limit}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, but got {args.batch_size}")
-    if args.mode == "likelihood" and args.benchmark != "mmbench_ru":
+    if args.mode == "likelihood" and args.benchmark == "gqa_ru":
         raise UserError("--mode likelihood applies to --benchmark mmbench_ru only")
 
+
+def evaluate_from_args(args: argparse.Namespace):
+    """Load the data split and the model the flags name, evaluate; (examples, result, sources)."""
     from core.data import load_benchmark
     from core.evaluate import EvalConfig, evaluate
     from core.splits import make_splits, stratified_subset
@@ -66,6 +74,12 @@ def run(args: argparse.Namespace) -> int:
     vlm = load_model_for(sources.model, args.gpu, adapter=_adapter_path(args))
     result = evaluate(vlm, examples, EvalConfig(mode=args.mode), batch_size=args.batch_size,
                       progress=not args.quiet and not args.json)
+    return examples, result, sources
+
+
+def run(args: argparse.Namespace) -> int:
+    check_eval_args(args)
+    _, result, sources = evaluate_from_args(args)
     out = {"benchmark": args.benchmark, "split": args.split, "model": sources.model,
            "adapter": args.adapter, **result.to_dict()}
     if args.json:
