@@ -3,7 +3,8 @@
 A scene is a 3x3 grid of cells; each of the three columns holds at most one coloured shape.
 Images are 48x48 pixels, so with 16-pixel patches every cell is one vision token.
 Short answers follow GQA-ru's style (one word); verbose answers imitate the way the real
-LLaVA-Saiga answers: a whole sentence, with the content word inflected, so exact match fails.
+LLaVA-Saiga answers: a whole sentence around the answer word, so exact match fails although
+the model knows the word (multiple-choice prompts get a description of the scene instead).
 """
 
 from __future__ import annotations
@@ -96,13 +97,13 @@ def questions_for(scene: Scene, rng: random.Random) -> list[Question]:
     out = []
     shape = rng.choice(scene.shapes)
     col = COLUMNS[shape.column]
-    fem, gen = COLORS[shape.color][1], COLORS[shape.color][2]
+    fem = COLORS[shape.color][1]
     out.append(Question(
         kind="color",
         question=f"Какого цвета фигура {col}?",
         answer=shape.color,
         full_answer=f"Фигура {col} {fem}.",
-        verbose=f"На этой картинке фигура {col} {gen} цвета, она хорошо заметна.",
+        verbose=f"Цвет фигуры {col} — {shape.color}, это хорошо видно на картинке.",
         options=tuple(COLORS),
         semantic=(("select", "фигура"), ("filter hposition", col), ("query", "color")),
         types=("query", "attr", "queryAttr"),
@@ -114,7 +115,8 @@ def questions_for(scene: Scene, rng: random.Random) -> list[Question]:
         question=f"Где находится {tfem} фигура?",
         answer=COLUMNS[target.column],
         full_answer=f"{tfem.capitalize()} фигура находится {COLUMNS[target.column]}.",
-        verbose=f"{tfem.capitalize()} фигура расположена {COLUMN_PHRASE[target.column]} этой картинки.",
+        verbose=(f"{tfem.capitalize()} фигура находится {COLUMNS[target.column]}, "
+                 f"{COLUMN_PHRASE[target.column]} этой картинки."),
         options=tuple(COLUMNS),
         semantic=(("select", "фигура"), ("filter color", target.color), ("query", "hposition")),
         types=("query", "rel", "positionQuery"),
@@ -126,7 +128,7 @@ def questions_for(scene: Scene, rng: random.Random) -> list[Question]:
         question="Сколько фигур на картинке?",
         answer=COUNT_WORDS[n],
         full_answer=f"На картинке {COUNT_WORDS[n]} {noun}.",
-        verbose=f"Если посмотреть внимательно, то на картинке я вижу {n} {noun} разного цвета.",
+        verbose=f"Если посчитать внимательно, то на картинке {COUNT_WORDS[n]} {noun} разного цвета.",
         options=tuple(COUNT_WORDS.values()),
         semantic=(("select", "фигура"), ("count", "фигура")),
         types=("query", "obj", "count"),

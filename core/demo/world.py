@@ -27,7 +27,7 @@ from core.demo import scenes as sc
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2
 N_TRAIN_IMAGES = 1500
 N_TESTDEV_IMAGES = 240
 N_MMBENCH_QUESTIONS = 240
@@ -83,14 +83,14 @@ def ensure_demo_world(seed: int = 0, cache_dir: Path | None = None) -> DemoWorld
 
 
 def build_world(world: DemoWorld, seed: int) -> None:
+    import torch
+
     from core.demo.tiny_model import (
         build_tiny_llava,
         pretrain_verbose,
         pretrain_vision,
         train_tokenizer,
     )
-
-    import torch
 
     # Tiny weights and Adam states drift into subnormal floats, which x86 CPUs handle
     # 10-100x slower; flushing them to zero keeps every step at the same speed.
@@ -222,7 +222,7 @@ def _write_mmbench(root: Path, rng: random.Random):
         k = min(len(q.options), rng.choice([2, 3, 4]))
         opts = [q.answer] + rng.sample([o for o in q.options if o != q.answer], k - 1)
         rng.shuffle(opts)
-        train_mc.append((sc.render(scene, rng), q, opts))
+        train_mc.append((sc.render(scene, rng), q, opts, scene))
     return train_mc
 
 
@@ -269,8 +269,8 @@ def _corpus(train, mmb_train, instruct) -> list[str]:
              "Ответ: Правильный вариант: буквой одним словом кратко без пояснений"]
     for _, q in train:
         texts += [q.question, q.answer, q.full_answer, q.verbose]
-    for _, q, opts in mmb_train:
-        texts += [q.question, " ".join(opts)]
+    for _, q, opts, scene in mmb_train:
+        texts += [q.question, " ".join(opts), sc.describe(scene)]
     for _, conv in instruct:
         texts += [t["value"] for t in conv]
     return texts
@@ -282,9 +282,9 @@ def _pretrain_examples(train, mmb_train, instruct, rng: random.Random):
     for img, q in train:
         user = f"{q.question}\n{GQA_INSTRUCTION}" if rng.random() < 0.6 else q.question
         out.append((img, [(user, q.verbose)]))
-    for img, q, opts in mmb_train:
+    for img, q, opts, scene in mmb_train:
         options = dict(zip("ABCD", opts))
-        out.append((img, [(mmbench_prompt(q.question, options, None), q.verbose)]))
+        out.append((img, [(mmbench_prompt(q.question, options, None), sc.describe(scene))]))
     for img, conv in instruct:
         turns = [(conv[k]["value"].replace("<image>\n", ""), conv[k + 1]["value"])
                  for k in range(0, len(conv), 2)]
