@@ -111,10 +111,10 @@ class Context:
     tune_examples: dict[str, list[dict]] = field(default_factory=dict)
     """benchmark -> dev questions outside the decision subset, for strategies that search."""
     optuna_storage: str | None = None
+    """``sqlite:///...`` URL of experiments.db (Optuna owns its own tables there)."""
     train_lr: float = 2e-4
     """The LoRA learning rate that suits this base model: 2e-4 for an 8B model (the usual
     LoRA SFT value), higher for the tiny demo model, whose weights are far fewer."""
-    """``sqlite:///...`` URL of experiments.db (Optuna owns its own tables there)."""
     run_id: int | None = None
     """The run's id in the store; names per-run state such as the Optuna study."""
     clock: Callable[[], float] = time.monotonic

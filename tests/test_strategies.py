@@ -503,7 +503,7 @@ def test_answer_format_sft_trains_an_adapter_sized_to_the_time(tmp_path, fake_da
     budget = 0.5 * (300 - 40) - 1
     assert config.steps * config.batch_size * ctx.rates.train_s_per_sample <= budget
     assert config.steps >= 0.5 * budget / (ctx.rates.train_s_per_sample + 0.01) / 16
-    assert call["deadline_s"] <= 300 - 40
+    assert call["deadline_s"] <= budget
     assert cand.adapter_path == str(ctx.workdir / "adapters" / call["name"])
     assert cand.eval_configs == ctx.champion.eval_configs
     assert cand.train["config"]["steps"] == config.steps
@@ -658,3 +658,11 @@ def test_answer_format_sft_guard_reads_the_controllers_protected_forms():
         with pytest.raises(LeakageError, match=record["id"]):
             check_records([record], protected)
     check_records([_record("fine", "Есть ли тут круг?")], protected)
+
+
+def test_generation_params_equally_broken_benchmarks_get_likelihood_first(tmp_path, fake_data,
+                                                                          world):
+    ctx, _ = make_ctx(tmp_path, fake_data, world.protected,
+                      profs=profiles(gqa_format=20, mmb_format=10))  # both 71% format errors
+    names = [(v.benchmark, v.name) for v in strategies.get("generation_params").variants(ctx)]
+    assert names[:2] == [("mmbench_ru", "likelihood"), ("gqa_ru", "short_stop_period")]
