@@ -79,16 +79,13 @@ class GenerationParams(Strategy):
         return variant_candidate(ctx, self.name, variant, config, why)
 
     def estimate_cost(self, ctx: Context) -> float:
-        """One dev evaluation, scaled for the benchmark the next variant changes."""
+        """One dev evaluation of the benchmark the next variant changes (the other's results
+        are the champion's, reused), scaled for beams or the likelihood mode."""
         found = first_untried(ctx, self.variants(ctx))
         if found is None:
             return self.eval_cost(ctx)
         variant, config = found
-        total = 0.0
-        for b, n in ctx.dev_sizes.items():
-            factor = 1.0
-            if b == variant.benchmark:
-                factor = LIKELIHOOD_COST_FACTOR if config.mode == "likelihood" else config.num_beams
-            total += factor * ctx.rates.eval_s_per_sample[b] * n
-        return total
+        factor = LIKELIHOOD_COST_FACTOR if config.mode == "likelihood" else config.num_beams
+        b = variant.benchmark
+        return float(factor * ctx.rates.eval_s_per_sample[b] * ctx.dev_sizes[b])
 

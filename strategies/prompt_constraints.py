@@ -79,5 +79,10 @@ class PromptConstraints(Strategy):
         return variant_candidate(ctx, self.name, variant, config, why)
 
     def estimate_cost(self, ctx: Context) -> float:
-        """No training: one dev evaluation of the candidate."""
-        return self.eval_cost(ctx)
+        """No training: one dev evaluation of the benchmark whose prompt changes (the other
+        benchmark's results are the champion's, reused)."""
+        found = first_untried(ctx, self.variants(ctx))
+        if found is None:
+            return self.eval_cost(ctx)
+        b = found[0].benchmark
+        return ctx.rates.eval_s_per_sample[b] * ctx.dev_sizes[b]
