@@ -29,7 +29,7 @@ from core.errors import CONTENT_LABELS, classify
 from core.evaluate import EvalConfig, build_prompt
 from core.exceptions import DataError, UserError
 from core.sft import llava_instruct_to_sft, validate_records
-from strategies.base import Context
+from strategies.base import Context, ProposalFailed
 from strategies.guard import (
     check_records,
     image_digest,
@@ -257,8 +257,8 @@ class SFTDataBuilder:
         records = [r for kind in ("short", "choice", "instruct") for r in parts[kind]]
         rng.shuffle(records)
         if not records:
-            raise DataError(f"no training records could be built from {self.ctx.data.gqa}: "
-                            f"{dict(stats)}")
+            raise ProposalFailed(f"no training records could be built from "
+                                 f"{self.ctx.data.gqa}: {dict(stats)}")
         validate_records(records)
         check_records(records, self.protected, allowed_questions=self.templates)
         info = {"n_records": len(records), "wanted": want, "mix": mix.to_dict(),

@@ -666,3 +666,12 @@ def test_generation_params_equally_broken_benchmarks_get_likelihood_first(tmp_pa
                       profs=profiles(gqa_format=20, mmb_format=10))  # both 71% format errors
     names = [(v.benchmark, v.name) for v in strategies.get("generation_params").variants(ctx)]
     assert names[:2] == [("mmbench_ru", "likelihood"), ("gqa_ru", "short_stop_period")]
+
+
+def test_answer_format_sft_with_only_protected_data_fails_the_cycle(tmp_path, fake_data, world,
+                                                                   monkeypatch):
+    monkeypatch.setattr(core_data, "load_gqa", lambda source, split: list(world.testdev))
+    ctx, fakes = make_ctx(tmp_path, DataSources(gqa="fake-gqa"), world.protected)
+    with pytest.raises(ProposalFailed, match="no training records"):
+        strategies.get("answer_format_sft").propose(ctx)
+    assert not fakes.train_calls
