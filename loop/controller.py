@@ -299,9 +299,10 @@ class Loop:
         fields = {"status": status, "spent_s": self.budget.spent()}
         if error:
             fields["error"] = error[:2000]
-        if status == "finished":
-            fields["report_path"] = self.write_report()
         self.store.update_run(self.run_id, **fields)
+        if status == "finished":  # the report reads the finished run
+            self.store.update_run(self.run_id, report_path=self.write_report(),
+                                  spent_s=self.budget.spent())
         self.echo(f"run {self.run_id} {status} after {fmt_s(self.budget.spent())} "
                   f"of {fmt_s(self.config.budget_s)}")
 
