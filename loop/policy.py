@@ -1,8 +1,8 @@
 """Which remedy next: an explicit rule set scored by expected gain per second.
 
 For every registered strategy the policy estimates the accuracy it could recover — the share
-of the champion's dev errors whose labels the strategy addresses (``WEIGHTS``), times the error
-rate, summed over both benchmarks — scales it by what the strategy's family has done in this
+of the champion's dev errors whose labels the strategy addresses (``Strategy.addresses``),
+times the error rate, summed over both benchmarks — scales it by what the strategy's family has done in this
 run (each rejection multiplies it by 0.4, an accepted gain raises it), and divides by the estimated
 seconds. The best score that fits in the time left wins.
 
@@ -16,19 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import strategies
 from loop.budget import fmt_s
 
-# How much of the errors with a given label a strategy can plausibly fix.
-WEIGHTS: dict[str, dict[str, float]] = {
-    "prompt_constraints": {"format_mismatch": 0.5},
-    "generation_params": {"format_mismatch": 0.5},
-    "answer_format_sft": {"format_mismatch": 0.9, "color": 0.5, "location": 0.5,
-                          "counting": 0.5, "other": 0.3},
-    "optuna_hpo": {"format_mismatch": 0.3, "color": 0.4, "location": 0.4, "counting": 0.4,
-                   "other": 0.3},
-}
-# A strategy is only worth trying after another has run (HPO tunes what SFT set up).
-REQUIRES: dict[str, str] = {"optuna_hpo": "answer_format_sft"}
 BENCH_NAMES = {"gqa_ru": "GQA-ru", "mmbench_ru": "MMBench-ru"}
 
 
@@ -45,15 +35,15 @@ class Choice:
                 "score": self.score, "rationale": self.rationale, "ranking": self.ranking}
 
 
-def expected_gain(strategy: str, profiles: dict) -> float:
-    """Accuracy (fraction) the strategy could recover, summed over the benchmarks."""
+def expected_gain(addresses: dict[str, float], profiles: dict) -> float:
+    """Accuracy (fraction) a strategy that ``addresses`` these labels could recover, summed
+    over the benchmarks."""
     gain = 0.0
     for profile in profiles.values():
         if not profile.n:
             continue
         error_rate = profile.n_errors / profile.n
-        addressed = sum(profile.shares.get(label, 0.0) * w
-                        for label, w in WEIGHTS.get(strategy, {}).items())
+        addressed = sum(profile.shares.get(label, 0.0) * w for label, w in addresses.items())
         gain += error_rate * min(1.0, addressed)
     return gain
 
@@ -73,7 +63,7 @@ def history_factor(strategy: str, history: list[dict]) -> tuple[float, str]:
 
 
 def choose(profiles: dict, history: list[dict], costs: dict[str, float], time_left_s: float,
-           exhausted: set[str]) -> Choice | None:
+           exhausted: set[str], catalog: dict | None = None) -> Choice | None:
     """The strategy with the best expected gain per second that fits, or None.
 
     Args:
@@ -82,19 +72,22 @@ def choose(profiles: dict, history: list[dict], costs: dict[str, float], time_le
         costs: strategy -> estimated seconds (proposal, training, evaluation).
         time_left_s: seconds the cycles may still use.
         exhausted: strategies with nothing left to try.
+        catalog: strategy -> its class (``addresses``, ``requires``); the registry's by default.
     """
+    catalog = catalog or {name: type(strategies.get(name)) for name in costs}
     tried = {h["strategy"] for h in history}
     ranking = []
     for name, cost in costs.items():
-        gain = expected_gain(name, profiles)
+        gain = expected_gain(catalog[name].addresses, profiles)
+        requires = catalog[name].requires
         factor, words = history_factor(name, history)
         row = {"strategy": name, "expected_gain": round(gain, 4), "history": words,
                "factor": round(factor, 3), "est_cost_s": round(cost, 1),
                "score": gain * factor / max(cost, 1.0)}
         if name in exhausted:
             row["skipped"] = "nothing left to try"
-        elif REQUIRES.get(name) and REQUIRES[name] not in tried:
-            row["skipped"] = f"waits until {REQUIRES[name]} has run"
+        elif requires and requires not in tried:
+            row["skipped"] = f"waits until {requires} has run"
         elif cost > time_left_s:
             row["skipped"] = f"needs ~{fmt_s(cost)}, {fmt_s(time_left_s)} left"
         elif gain * factor <= 0.002:

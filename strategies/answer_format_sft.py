@@ -46,6 +46,8 @@ class AnswerFormatSFT(Strategy):
     """Build profile-aimed SFT data, train one LoRA adapter, propose it."""
 
     name = "answer_format_sft"
+    addresses = {"format_mismatch": 0.9, "color": 0.5, "location": 0.5, "counting": 0.5,
+                 "other": 0.3}
     family = "sft"
     trains = True
     summary = "LoRA SFT on short GQA-ru answers and GQA-built multiple choice (+ LLaVA-Instruct)"

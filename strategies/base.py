@@ -131,6 +131,11 @@ class Strategy(ABC):
     family: ClassVar[str]
     trains: ClassVar[bool] = False
     summary: ClassVar[str] = ""
+    addresses: ClassVar[dict[str, float]] = {}
+    """Error label -> the share of such errors this remedy can plausibly fix: the policy's
+    prior for its expected gain."""
+    requires: ClassVar[str | None] = None
+    """A strategy that must have run in this run before this one is worth trying."""
 
     @abstractmethod
     def propose(self, ctx: Context) -> Candidate:

@@ -50,6 +50,7 @@ class GenerationParams(Strategy):
     """Decoding variants ordered by what the error profile says is wrong."""
 
     name = "generation_params"
+    addresses = {"format_mismatch": 0.5}
     family = "decoding"
     trains = False
     summary = "max new tokens, stop strings, beams, repetition penalty, MMBench likelihood mode"

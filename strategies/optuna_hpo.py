@@ -74,6 +74,9 @@ class OptunaHPO(Strategy):
     """Time-boxed Optuna trials; proposes the best trial's adapter."""
 
     name = "optuna_hpo"
+    addresses = {"format_mismatch": 0.3, "color": 0.4, "location": 0.4, "counting": 0.4,
+                 "other": 0.3}
+    requires = "answer_format_sft"
     family = "hpo"
     trains = True
     summary = "Optuna search over lr, rank, alpha, dropout, steps and the data mix"

@@ -55,6 +55,7 @@ class PromptConstraints(Strategy):
     """Alternative instructions per benchmark, most format-broken benchmark first."""
 
     name = "prompt_constraints"
+    addresses = {"format_mismatch": 0.5}
     family = "prompt"
     trains = False
     summary = "stricter answer-format instructions (one word; only the option letter)"

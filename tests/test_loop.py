@@ -55,13 +55,15 @@ def test_demo_run_end_to_end_records_everything(demo_world, tmp_path, capsys, mo
     n_pred = con.execute("SELECT count(*) FROM loop_predictions").fetchone()[0]
     assert n_pred >= 4 * 60  # baseline dev + final, both benchmarks, every prediction stored
     assert main(["show", "1", "--db", str(db)]) == 0
-    assert "rationale" in capsys.readouterr().out.lower()
+    shown = capsys.readouterr().out
+    assert "why: " in shown and "decision: " in shown
 
 
 class SlowFake(strategies.base.Strategy):
     """A remedy that takes 8 s to propose the champion again (never better)."""
 
     name, family, summary = "slow_fake", "fake", "sleeps"
+    addresses = {"format_mismatch": 0.5}
 
     def propose(self, ctx):
         time.sleep(8)
