@@ -20,7 +20,14 @@ from core.metrics import is_better, paired_test, paired_test_grouped
 from loop.budget import Budget, CostModel, fmt_s, priors
 from loop.policy import choose
 from loop.workbench import Scored, Workbench
-from strategies.base import BENCHMARKS, Candidate, Context, Exhausted, base_candidate
+from strategies.base import (
+    BENCHMARKS,
+    Candidate,
+    Context,
+    Exhausted,
+    ProposalFailed,
+    base_candidate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +89,8 @@ class Loop:
         self.config, self.store, self.resume = config, store, resume
         self.echo = echo or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.history: list[dict] = []
-        self.exhausted: set[str] = set()
+        self.exhausted: set[str] = set()  # nothing left to try in this run
+        self.blocked: set[str] = set()  # could not propose; not again before a new champion
 
     # ------------------------------------------------------------ the recipe
 
@@ -210,7 +218,7 @@ class Loop:
             ctx = self.context(champion, profiles, self.budget.left_for_cycles())
             costs = {name: strategies.get(name).estimate_cost(ctx) for name in cfg.strategies}
             choice = choose(profiles, self.history, costs, self.budget.left_for_cycles(),
-                            self.exhausted)
+                            self.exhausted | self.blocked)
             if choice is None:
                 self.echo(f"no strategy fits in the {fmt_s(self.budget.left_for_cycles())} left "
                           "before the reserve; going to the final evaluation")
@@ -235,6 +243,13 @@ class Loop:
             self.exhausted.add(choice.strategy)
             self.store.fail_step(self.run_id, key, f"exhausted: {exc}")
             return champion, scores
+        except ProposalFailed as exc:
+            # Not again until the champion changes: time only shrinks, the data stays the same.
+            self.blocked.add(choice.strategy)
+            log.warning("%s could not propose: %s", choice.strategy, exc)
+            self.record_cycle(index, choice, champion, None, {}, "failed", t0,
+                              error=f"ProposalFailed: {exc}")
+            return champion, scores
         except (KeyboardInterrupt, UserError):
             raise
         except Exception as exc:  # a broken remedy is recorded and the run goes on
@@ -249,6 +264,7 @@ class Loop:
         status = "accepted" if self.accept(paired) else "rejected"
         self.record_cycle(index, choice, champion, candidate, results, status, t0, paired=paired)
         if status == "accepted":
+            self.blocked.clear()
             return candidate, results
         if candidate.adapter_path != champion.adapter_path:
             self.bench.drop(candidate.adapter_path)
