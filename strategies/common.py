@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.evaluate import EvalConfig
-from strategies.base import BENCHMARKS, Candidate, Context
+from strategies.base import BENCHMARKS, Candidate, Context, Exhausted
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,23 @@ def variant_candidate(ctx: Context, strategy: str, variant: Variant,
                  "format_mismatch_share": {b: round(share(ctx, b, "format_mismatch"), 4)
                                            for b in BENCHMARKS},
                  "base_adapter": ctx.champion.adapter_path})
+
+
+def propose_next_variant(ctx: Context, strategy: str, variants: list[Variant],
+                         what: str) -> Candidate:
+    """The champion with the first untried variant applied; ``Exhausted`` when none is left.
+
+    ``what`` names a variant in the messages ("instruction", "decoding variant").
+    """
+    found = first_untried(ctx, variants)
+    if found is None:
+        raise Exhausted(f"every {what} has been evaluated with this champion")
+    variant, config = found
+    fmt = share(ctx, variant.benchmark, "format_mismatch")
+    why = (f"{fmt:.0%} of the champion's {variant.benchmark} dev errors are format "
+           f"mismatches; next untried {what} '{variant.name}'")
+    log.info("%s: %s", strategy, why)
+    return variant_candidate(ctx, strategy, variant, config, why)
 
 
 def attempts(ctx: Context, strategy: str) -> int:

@@ -13,12 +13,8 @@ when both are equally broken the likelihood mode comes first.
 
 from __future__ import annotations
 
-import logging
-
-from strategies.base import Candidate, Context, Exhausted, Strategy
-from strategies.common import Variant, first_untried, share, variant_candidate
-
-log = logging.getLogger(__name__)
+from strategies.base import Candidate, Context, Strategy
+from strategies.common import Variant, first_untried, propose_next_variant, share
 
 LIKELIHOOD_COST_FACTOR = 0.5
 """Likelihood ranking: one forward pass per option, no token-by-token decoding."""
@@ -69,15 +65,7 @@ class GenerationParams(Strategy):
         return [v for _, _, v in sorted(scored, key=lambda s: (s[0], s[1]))]
 
     def propose(self, ctx: Context) -> Candidate:
-        found = first_untried(ctx, self.variants(ctx))
-        if found is None:
-            raise Exhausted("every decoding variant has been evaluated with this champion")
-        variant, config = found
-        fmt = share(ctx, variant.benchmark, "format_mismatch")
-        why = (f"{fmt:.0%} of the champion's {variant.benchmark} dev errors are format "
-               f"mismatches; next untried decoding variant '{variant.name}'")
-        log.info("generation_params: %s", why)
-        return variant_candidate(ctx, self.name, variant, config, why)
+        return propose_next_variant(ctx, self.name, self.variants(ctx), "decoding variant")
 
     def estimate_cost(self, ctx: Context) -> float:
         """One dev evaluation of the benchmark the next variant changes (the other's results

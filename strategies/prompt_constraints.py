@@ -9,13 +9,9 @@ champion (its adapter and its other settings); the other benchmark keeps the cha
 
 from __future__ import annotations
 
-import logging
-
 from core.evaluate import MMB_OPTION_HEADER
-from strategies.base import Candidate, Context, Exhausted, Strategy
-from strategies.common import Variant, by_format_share, first_untried, share, variant_candidate
-
-log = logging.getLogger(__name__)
+from strategies.base import Candidate, Context, Strategy
+from strategies.common import Variant, by_format_share, first_untried, propose_next_variant
 
 GQA_INSTRUCTIONS = {
     "one_word_no_explanation": "Ответь одним словом, без пояснений.",
@@ -69,15 +65,7 @@ class PromptConstraints(Strategy):
         return [v for b in by_format_share(ctx) for v in by_benchmark[b]]
 
     def propose(self, ctx: Context) -> Candidate:
-        found = first_untried(ctx, self.variants(ctx))
-        if found is None:
-            raise Exhausted("every instruction variant has been evaluated with this champion")
-        variant, config = found
-        fmt = share(ctx, variant.benchmark, "format_mismatch")
-        why = (f"{fmt:.0%} of the champion's {variant.benchmark} dev errors are format "
-               f"mismatches; next untried instruction '{variant.name}'")
-        log.info("prompt_constraints: %s", why)
-        return variant_candidate(ctx, self.name, variant, config, why)
+        return propose_next_variant(ctx, self.name, self.variants(ctx), "instruction")
 
     def estimate_cost(self, ctx: Context) -> float:
         """No training: one dev evaluation of the benchmark whose prompt changes (the other
