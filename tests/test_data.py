@@ -41,18 +41,9 @@ def _question(qid: str, image_id: str, **overrides) -> dict:
 
 
 def write_gqa(root, questions: list[dict], images: list[dict], split: str = "testdev") -> str:
-    import datasets
+    from core.demo.world import write_gqa_split, write_readme
 
-    from core.demo.world import _write_readme
-
-    for kind, rows in (("instructions", questions), ("images", images)):
-        config = f"{split}_balanced_{kind}"
-        ds = datasets.Dataset.from_list(rows)
-        if kind == "images":
-            ds = ds.cast_column("image", datasets.Image())
-        (root / config).mkdir(parents=True, exist_ok=True)
-        ds.to_parquet(str(root / config / f"{split}-00000-of-00001.parquet"))
-    _write_readme(root, [(f"{split}_balanced_instructions", split), (f"{split}_balanced_images", split)])
+    write_readme(root, write_gqa_split(root, split, questions, images))
     return str(root)
 
 
@@ -68,12 +59,12 @@ def _mmb_row(index: int, **overrides) -> dict:
 def write_mmbench(root, rows: list[dict]) -> str:
     import datasets
 
-    from core.demo.world import _write_readme
+    from core.demo.world import write_readme
 
     ds = datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())
     (root / "data").mkdir(parents=True, exist_ok=True)
     ds.to_parquet(str(root / "data" / "dev-00000-of-00001.parquet"))
-    _write_readme(root, [("default", "dev")])
+    write_readme(root, [("default", "dev")])
     return str(root)
 
 

@@ -142,27 +142,35 @@ def _gqa_rows(prefix: str, n_images: int, rng: random.Random):
 
 
 def _write_gqa(root: Path, rng: random.Random):
-    import datasets
-
     configs = []
     train_examples = None
     for split, prefix, n in (("testdev", "t", N_TESTDEV_IMAGES), ("train", "n", N_TRAIN_IMAGES)):
         images, questions, examples = _gqa_rows(prefix, n, rng)
         if split == "train":
             train_examples = examples
-        for kind, rows in (("instructions", questions), ("images", images)):
-            config = f"{split}_balanced_{kind}"
-            ds = datasets.Dataset.from_list(rows)
-            if kind == "images":
-                ds = ds.cast_column("image", datasets.Image())
-            (root / config).mkdir(parents=True, exist_ok=True)
-            ds.to_parquet(str(root / config / f"{split}-00000-of-00001.parquet"))
-            configs.append((config, split))
-    _write_readme(root, configs)
+        configs += write_gqa_split(root, split, questions, images)
+    write_readme(root, configs)
     return train_examples
 
 
-def _write_readme(root: Path, configs: list[tuple[str, str]]) -> None:
+def write_gqa_split(root: Path, split: str, questions: list[dict],
+                    images: list[dict]) -> list[tuple[str, str]]:
+    """Write one split's two GQA-ru configs as parquet; returns their (config, split) pairs."""
+    import datasets
+
+    configs = []
+    for kind, rows in (("instructions", questions), ("images", images)):
+        config = f"{split}_balanced_{kind}"
+        ds = datasets.Dataset.from_list(rows)
+        if kind == "images":
+            ds = ds.cast_column("image", datasets.Image())
+        (root / config).mkdir(parents=True, exist_ok=True)
+        ds.to_parquet(str(root / config / f"{split}-00000-of-00001.parquet"))
+        configs.append((config, split))
+    return configs
+
+
+def write_readme(root: Path, configs: list[tuple[str, str]]) -> None:
     lines = ["---", "configs:"]
     for config, split in configs:
         path = f"{config}/{split}-*.parquet" if config != "default" else f"data/{split}-*.parquet"
@@ -214,7 +222,7 @@ def _write_mmbench(root: Path, rng: random.Random):
     ds = datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())
     (root / "data").mkdir(parents=True, exist_ok=True)
     ds.to_parquet(str(root / "data" / "dev-00000-of-00001.parquet"))
-    _write_readme(root, [("default", "dev")])
+    write_readme(root, [("default", "dev")])
     # Multiple-choice prompts on fresh scenes for the verbose pretraining only.
     for _ in range(600):
         scene = sc.random_scene(rng)
