@@ -16,7 +16,8 @@ import hashlib
 from collections import defaultdict
 from collections.abc import Callable
 
-ROTATION_BASE = 1_000_000
+from core.metrics import ROTATION_BASE
+
 DEV_FRACTION = 1 / 3
 SPLITS = ("dev", "final")
 

@@ -10,12 +10,11 @@ log = logging.getLogger(__name__)
 
 
 def load_options(gpu: str) -> LoadOptions:
-    """LoadOptions for a ``--gpu`` profile, from ``core.device`` when it is available."""
-    try:
-        from core.device import resolve_profile
-    except ImportError:
-        return LoadOptions()
+    """LoadOptions for a ``--gpu`` profile (``core.device`` logs the reason for each choice)."""
+    from core.device import resolve_profile
+
     profile = resolve_profile(gpu)
+    profile.log_reasons()
     return profile.load_options()
 
 

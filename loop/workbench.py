@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -208,6 +207,3 @@ def adapter_name(path: str) -> str:
     digest = hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:6]
     return f"a_{stem}_{digest}"
 
-
-def now() -> float:
-    return time.time()
