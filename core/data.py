@@ -149,7 +149,13 @@ def load_gqa(source: str = GQA_ID, split: str = "testdev") -> list[dict]:
     questions = _load_hf(source, qconfig, split)
     images = _load_hf(source, iconfig, split)
     where = f"{source} [{qconfig}]"
-    row_of = {image_id: i for i, image_id in enumerate(images["id"])}
+    missing = [c for c in ("id", "image") if c not in images.column_names]
+    if missing:
+        raise DataError(f"{source} [{iconfig}]: the images config has no column "
+                        f"{' or '.join(repr(c) for c in missing)} (it has "
+                        f"{', '.join(images.column_names) or 'none'}); GQA-ru images are joined "
+                        "on imageId = id")
+    row_of = {str(image_id): i for i, image_id in enumerate(images["id"])}
     image_col = images.select_columns(["image"])
 
     def loader(i: int | None):
@@ -160,7 +166,7 @@ def load_gqa(source: str = GQA_ID, split: str = "testdev") -> list[dict]:
         validate(rec, "gqa_question.schema.json", where, i)
         rec["id"] = str(rec["id"])
         rec["benchmark"] = "gqa_ru"
-        rec["_image"] = loader(row_of.get(rec["imageId"]))
+        rec["_image"] = loader(row_of.get(str(rec["imageId"])))
         records.append(rec)
     log.info("GQA-ru %s: %d questions on %d images from %s", split, len(records), len(row_of), source)
     return records

@@ -131,10 +131,16 @@ class VLM:
             raise UserError(f"no PEFT adapter at '{path}' (adapter_config.json is missing)")
         if name in self.adapters:
             return
-        if not self.adapters:
-            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
-        else:
-            self.model.load_adapter(path, adapter_name=name)
+        _check_adapter_config(Path(path) / "adapter_config.json")
+        try:
+            if not self.adapters:
+                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+            else:
+                self.model.load_adapter(path, adapter_name=name)
+        except Exception as exc:  # truncated or foreign weights, shapes of another model
+            raise UserError(f"cannot load the adapter at '{path}': {type(exc).__name__}: "
+                            f"{str(exc)[:300]}. Is it a LoRA adapter trained on this base "
+                            "model? Train it again or pick another one.") from None
         self.adapters[name] = path
         self.set_adapter(name)
 
@@ -187,11 +193,21 @@ def load_vlm(source: str | Path, *, options: LoadOptions | None = None,
         kwargs["quantization_config"] = nf4_config(options.dtype)
         if options.device != "cpu":
             kwargs["device_map"] = {"": options.device}
+    folder = Path(source)
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(f"the model folder '{source}' has no tokenizer (none of "
+                        f"{', '.join(TOKENIZER_FILES)}): copy the tokenizer files of the "
+                        "model into it, or point --model at the complete download.")
     try:
         processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
         model = LlavaForConditionalGeneration.from_pretrained(source, **kwargs)
     except OSError as exc:
         raise UserError(_not_found(source, exc)) from None
+    except (ValueError, TypeError, KeyError) as exc:
+        if not folder.is_dir():
+            raise
+        raise UserError(f"'{source}' is not a complete LLaVA model folder: "
+                        f"{type(exc).__name__}: {str(exc)[:300]}") from None
     if not options.load_in_4bit:
         model.to(options.device)
     model.eval()
@@ -218,6 +234,23 @@ def nf4_config(compute_dtype: str):
         bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
         llm_int8_skip_modules=[".*vision_tower", ".*multi_modal_projector", "lm_head",
                                "vision_tower", "multi_modal_projector"])
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def _check_adapter_config(path: Path) -> None:
+    """A clear error for an adapter_config.json that is not a PEFT LoRA config."""
+    import json
+
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}): the adapter folder is damaged; "
+                        "train the adapter again or pick another one.") from None
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise UserError(f"{path}: field 'peft_type' is missing: not a PEFT adapter config; "
+                        "train the adapter again or pick another one.")
 
 
 def _not_found(source: str, exc: Exception) -> str:

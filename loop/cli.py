@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import sqlite3
 import sys
 
 from core.exceptions import UserError
@@ -38,6 +39,8 @@ def configure_logging(verbose: bool, quiet: bool) -> None:
                         datefmt="%H:%M:%S", force=True)
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # bitsandbytes logs a traceback at import when an optional CPU kernel package is absent.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"
 
@@ -54,3 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except sqlite3.DatabaseError as exc:
+        log.debug("database error", exc_info=True)
+        print(f"error: the experiments database {getattr(args, 'db', '')} failed: {exc}. "
+              "Check the disk and the file (`sqlite3 FILE 'PRAGMA integrity_check'`); a run "
+              "cut short continues with `loop run --resume`.", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a folder or file the user cannot write or read
+        log.debug("OS error", exc_info=True)
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error: cannot access{where}: {exc.strerror or exc}. Check the path and your "
+              "permissions.", file=sys.stderr)
+        return 1

@@ -9,6 +9,7 @@ step is marked failed and redone, nothing is counted twice.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,7 +19,7 @@ import strategies
 from core.exceptions import UserError
 from core.metrics import is_better, paired_test, paired_test_grouped
 from loop.budget import Budget, CostModel, fmt_s, priors
-from loop.policy import choose
+from loop.policy import Choice, choose
 from loop.workbench import Scored, Workbench
 from strategies.base import (
     BENCHMARKS,
@@ -58,8 +59,9 @@ class RunConfig:
     """Final questions per benchmark; None fits them into the reserve."""
     batch_size: int | None = None
     """Evaluation batch size; None takes the GPU profile's."""
-    workdir: str = "runs"
-    """Where adapters and SFT data of each run go (runs/run-<id>/...)."""
+    workdir: str | None = None
+    """Where adapters, SFT data and the report of each run go (<workdir>/run-<id>/...); None:
+    beside the database, <db stem>.runs/run-<id>/."""
     strategies: list[str] = field(default_factory=lambda: strategies.names())
     progress: bool = True
 
@@ -107,7 +109,10 @@ class Loop:
             self.finish("interrupted")
             raise
         except BaseException as exc:
-            self.finish("failed", error=f"{type(exc).__name__}: {exc}")
+            try:
+                self.finish("failed", error=f"{type(exc).__name__}: {exc}")
+            except sqlite3.Error:  # a broken database cannot record its own failure
+                log.error("could not record the failure of run %s", self.run_id)
             raise
         finally:
             self.store.release_run_lock()
@@ -131,13 +136,16 @@ class Loop:
             self.config = cfg = RunConfig(**{**stored, "progress": cfg.progress})
             self.store.acquire_run_lock(run["id"])
             self.run_id = run["id"]
+            _ensure_writable(self.store.run_dir(self.run_id))
             failed = self.store.mark_unfinished_failed(self.run_id)
             self.store.update_run(self.run_id, status="running")
             spent = float(run.get("spent_s") or 0.0)
+            self.store.add_resume(self.run_id, spent, failed)
             self.echo(f"resuming run {self.run_id}: {fmt_s(spent)} of {fmt_s(cfg.budget_s)} spent"
                       f"{f', {failed} half-done step redone' if failed else ''}")
         else:
             self.store.acquire_run_lock(None)  # refuse before recording anything
+            _ensure_writable(Path(cfg.workdir) if cfg.workdir else self.store.files_dir())
             self.run_id = self.store.create_run(config=asdict(cfg), environment=environment(cfg),
                                                 budget_s=cfg.budget_s, preset=cfg.preset,
                                                 gpu=cfg.gpu)
@@ -149,6 +157,7 @@ class Loop:
 
         self.sources = resolve_sources(cfg.preset, cfg.model, cfg.data_dir, cfg.coco_dir, cfg.seed)
         self.budget = Budget(cfg.budget_s, cfg.reserve_fraction, spent_before=spent)
+        self.store.track_spent(self.run_id, self.budget.spent)
 
     def set_up(self) -> None:
         """Load the base model once, load the data, build the fixed splits and subsets."""
@@ -162,7 +171,7 @@ class Loop:
         costs = CostModel(priors(cfg.preset, profile.name))
         t0 = time.time()
         vlm = load_vlm(sources.model, options=profile.load_options())
-        workdir = Path(cfg.workdir) / f"run-{self.run_id}"
+        workdir = self.store.run_dir(self.run_id)
         self.bench = Workbench(store=self.store, run_id=self.run_id, vlm=vlm, profile=profile,
                                sources=sources, budget=self.budget, costs=costs, seed=cfg.seed,
                                workdir=workdir, batch_size=cfg.batch_size or profile.eval_batch_size,
@@ -213,18 +222,36 @@ class Loop:
         cfg = self.config
         if cfg.max_cycles is not None and len(self.history) >= cfg.max_cycles:
             return None
-        while True:
-            profiles = {b: self.bench.error_profile(s) for b, s in scores.items()}
-            ctx = self.context(champion, profiles, self.budget.left_for_cycles())
-            costs = {name: strategies.get(name).estimate_cost(ctx) for name in cfg.strategies}
-            choice = choose(profiles, self.history, costs, self.budget.left_for_cycles(),
-                            self.exhausted | self.blocked)
-            if choice is None:
-                self.echo(f"no strategy fits in the {fmt_s(self.budget.left_for_cycles())} left "
-                          "before the reserve; going to the final evaluation")
-                return None
-            choice.profiles = profiles
+        index = len(self.history) + 1
+        profiles = {b: self.bench.error_profile(s) for b, s in scores.items()}
+        stored = self.store.proposal(self.run_id, index, "choice")
+        if stored is not None and self.budget.left_for_cycles() > 0:
+            # A cycle cut short by a crash is done again as it was decided, with the time it had.
+            data = stored["payload"]
+            choice = Choice(data["strategy"], data["est_cost_s"], data["score"],
+                            data["rationale"], data.get("ranking") or [])
+            choice.profiles, choice.time_left_s = profiles, data["time_left_s"]
             return choice
+        time_left = self.budget.left_for_cycles()
+        ctx = self.context(champion, profiles, time_left)
+        costs = {}
+        for name in cfg.strategies:
+            try:
+                costs[name] = strategies.get(name).estimate_cost(ctx)
+            except (KeyboardInterrupt, sqlite3.DatabaseError):
+                raise
+            except Exception as exc:  # a broken remedy is left out, the run goes on
+                log.warning("%s cannot estimate its cost, leaving it out: %s", name, exc)
+                self.blocked.add(name)
+        choice = choose(profiles, self.history, costs, time_left, self.exhausted | self.blocked)
+        if choice is None:
+            self.echo(f"no strategy fits in the {fmt_s(time_left)} left "
+                      "before the reserve; going to the final evaluation")
+            return None
+        choice.profiles, choice.time_left_s = profiles, time_left
+        self.store.save_proposal(self.run_id, index, "choice",
+                                 {**choice.to_dict(), "time_left_s": time_left})
+        return choice
 
     def cycle(self, choice, champion: Candidate, scores: dict[str, Scored]):
         """Propose, evaluate on dev, judge with paired tests, record; returns the champion."""
@@ -235,13 +262,18 @@ class Loop:
         log.info("why: %s", choice.rationale)
         t0 = time.time()
         self.store.begin_step(self.run_id, key, "cycle")
-        ctx = self.context(champion, choice.profiles, self.budget.left_for_cycles(), index,
-                           choice.strategy)
+        ctx = self.context(champion, choice.profiles, choice.time_left_s, index, choice.strategy)
         try:
             candidate = strategies.get(choice.strategy).propose(ctx)
+            candidate.adapter_id = self._adapter_id(candidate.adapter_path, champion)
+            results = {b: self.score_candidate(candidate, champion, scores, b, index)
+                       for b in BENCHMARKS}
+            paired = {b: self.paired(scores[b], results[b]) for b in BENCHMARKS}
+            status = "accepted" if self.accept(paired) else "rejected"
         except Exhausted as exc:
             self.exhausted.add(choice.strategy)
             self.store.fail_step(self.run_id, key, f"exhausted: {exc}")
+            self.store.drop_proposal(self.run_id, index, "choice")
             return champion, scores
         except ProposalFailed as exc:
             # Not again until the champion changes: time only shrinks, the data stays the same.
@@ -250,18 +282,14 @@ class Loop:
             self.record_cycle(index, choice, champion, None, {}, "failed", t0,
                               error=f"ProposalFailed: {exc}")
             return champion, scores
-        except (KeyboardInterrupt, UserError):
-            raise
-        except Exception as exc:  # a broken remedy is recorded and the run goes on
-            log.exception("strategy %s failed", choice.strategy)
+        except (KeyboardInterrupt, sqlite3.DatabaseError):
+            raise  # Ctrl-C and a broken database end the run
+        except Exception as exc:  # anything else is this cycle's failure; the run goes on
+            log.warning("cycle %d (%s) failed: %s: %s", index, choice.strategy,
+                        type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
             self.record_cycle(index, choice, champion, None, {}, "failed", t0,
                               error=f"{type(exc).__name__}: {exc}")
             return champion, scores
-        candidate.adapter_id = self._adapter_id(candidate.adapter_path, champion)
-        results = {b: self.score_candidate(candidate, champion, scores, b, index)
-                   for b in BENCHMARKS}
-        paired = {b: self.paired(scores[b], results[b]) for b in BENCHMARKS}
-        status = "accepted" if self.accept(paired) else "rejected"
         self.record_cycle(index, choice, champion, candidate, results, status, t0, paired=paired)
         if status == "accepted":
             self.blocked.clear()
@@ -278,9 +306,7 @@ class Loop:
         """
         base = base_candidate()
         same = _same_setting(base, champion)
-        plan = self.store.step(self.run_id, "final-baseline")
-        sizes = (plan or {}).get("sizes") or self.bench.final_sizes(
-            self.budget.left() - max(5.0, 0.01 * self.config.budget_s), twice=not same)
+        sizes = self.final_sizes(same)
         results: dict[str, dict[str, Scored]] = {}
         for role, cand in (("final_baseline", base), ("final_champion", champion)):
             key = role.replace("_", "-")
@@ -312,6 +338,16 @@ class Loop:
             f"{b} baseline {_pct_ci(base_s[b].metrics)} -> champion {_pct_ci(champ_s[b].metrics)}"
             for b in BENCHMARKS))
 
+    def final_sizes(self, same: bool) -> dict[str, int]:
+        """The final subsets' sizes, fitted to the time left once and stored before use."""
+        stored = self.store.proposal(self.run_id, 0, "final-sizes")
+        if stored is not None:
+            return stored["payload"]
+        sizes = self.bench.final_sizes(self.budget.left() - max(5.0, 0.01 * self.config.budget_s),
+                                       twice=not same)
+        self.store.save_proposal(self.run_id, 0, "final-sizes", sizes)
+        return sizes
+
     def finish(self, status: str, error: str | None = None) -> None:
         if not hasattr(self, "budget"):
             return  # refused before the run was ours
@@ -338,7 +374,7 @@ class Loop:
             protected=bench.protected, workdir=bench.workdir / f"cycle-{index}",
             train=lambda records, config, *, name, deadline_s: bench.train(
                 records, config, name=name, deadline_s=deadline_s,
-                strategy=strategy, parent_id=champion.adapter_id),
+                strategy=strategy, parent_id=champion.adapter_id, cycle=index),
             evaluate=lambda b, config, *, adapter_path, examples=None: bench.run_eval(
                 b, config, adapter_path, examples if examples is not None else bench.tune[b]),
             tune_examples=bench.tune, optuna_storage=self.store.optuna_storage_url(),
@@ -419,10 +455,22 @@ class Loop:
             from loop.report import build_report, write_report
         except ImportError:
             return None
-        out = Path("reports") / f"run-{self.run_id}"
+        out = self.store.run_dir(self.run_id) / "report"
         md, html = write_report(build_report(self.store, self.run_id), out)
         self.echo(f"report: {md} and {html}")
         return str(html)
+
+
+def _ensure_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write the run's files to {folder}: {exc.strerror or exc}. "
+                        "Choose a folder you may write to with --workdir DIR (or move --db)."
+                        ) from None
 
 
 def _same_setting(a: Candidate, b: Candidate) -> bool:

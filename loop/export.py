@@ -63,7 +63,8 @@ def export_adapter(store: Store, out: Path | None = None, adapter_id: int | None
                         "to put in its model card; export an adapter trained by `loop run`.")
     source = adapter_folder(store, adapter)
     report = build_report(store, adapter["run_id"])
-    out = Path(out) if out else Path("exports") / f"adapter-{adapter_id}"
+    out = (Path(out) if out
+           else store.run_dir(adapter["run_id"]) / "export" / f"adapter-{adapter_id}")
     result = Export(out=out, adapter_id=adapter_id, run_id=adapter["run_id"])
     (out / "adapter").mkdir(parents=True, exist_ok=True)
     for name in ("adapter_config.json", *WEIGHT_FILES, *OPTIONAL_FILES):

@@ -41,6 +41,7 @@ _JSON_COLUMNS = {
     "loop_predictions": ("labels",),
     "loop_cycles": ("candidate", "dev", "dev_ci", "paired", "error_profile", "eval_ids"),
     "loop_adapters": ("config", "metrics"),
+    "loop_proposals": ("payload",),
 }
 _RUN_FIELDS = {"status", "spent_s", "baseline", "final", "final_n", "report_path", "environment",
                "config", "error"}
@@ -129,6 +130,8 @@ class _Heartbeat(threading.Thread):
         super().__init__(name="loop-store-heartbeat", daemon=True)
         self.path, self.token, self.every_s = path, token, every_s
         self.stopped = threading.Event()
+        self.spent: tuple[int, Any] | None = None
+        """(run_id, callable returning seconds spent): written with every beat."""
 
     def run(self) -> None:
         conn = sqlite3.connect(self.path, timeout=30)
@@ -138,6 +141,11 @@ class _Heartbeat(threading.Thread):
                     with conn:
                         conn.execute("update loop_lock set heartbeat_at = ? where token = ?",
                                      [_now(), self.token])
+                        if self.spent is not None:
+                            run_id, spent = self.spent
+                            conn.execute("update loop_runs set spent_s = ?, updated_at = ? "
+                                         "where id = ? and status = 'running'",
+                                         [float(spent()), _now(), run_id])
                 except sqlite3.Error as exc:
                     log.warning("could not refresh the run lock's heartbeat: %s", exc)
         finally:
@@ -162,11 +170,16 @@ class Store:
                             f"{self.path.parent} does not exist. Create it or choose another --db.")
         self.stale_after_s = stale_after_s
         self.heartbeat_every_s = heartbeat_every_s
-        self.db = Database(":memory:" if self.memory else self.path)
-        self.db.conn.execute("PRAGMA busy_timeout = 30000")
-        if not self.memory:
-            self.db.enable_wal()
-        migrations.apply(self.db)
+        try:
+            self.db = Database(":memory:" if self.memory else self.path)
+            self.db.conn.execute("PRAGMA busy_timeout = 30000")
+            if not self.memory:
+                self.db.enable_wal()
+            migrations.apply(self.db)
+        except sqlite3.DatabaseError as exc:
+            if hasattr(self, "db"):
+                self.db.close()
+            raise UserError(_open_error(path, exc)) from None
         self._token = uuid.uuid4().hex
         self._heartbeat: _Heartbeat | None = None
 
@@ -315,6 +328,13 @@ class Store:
         if not self.memory and self._heartbeat is None:
             self._heartbeat = _Heartbeat(self.path, self._token, self.heartbeat_every_s)
             self._heartbeat.start()
+
+    def track_spent(self, run_id: int, spent) -> None:
+        """Write ``spent()`` to the run's ``spent_s`` with every heartbeat (and now), so a
+        killed run loses at most one heartbeat interval of its accounting."""
+        self.update_run(run_id, spent_s=float(spent()))
+        if self._heartbeat is not None:
+            self._heartbeat.spent = (run_id, spent)
 
     def heartbeat(self) -> None:
         """Mark the held lock as alive now (the background thread also does this)."""
@@ -512,3 +532,81 @@ class Store:
     def pin_history(self) -> list[dict[str, Any]]:
         """Every pin and unpin event, oldest first (never deleted)."""
         return self._rows("loop_pins")
+
+    # Where a run's files go, its decisions, its resumes ---------------------------------
+
+    def files_dir(self) -> Path:
+        """The folder of this database's files: ``<db dir>/<db stem>.runs`` (``runs`` for an
+        in-memory store), so databases sharing a working folder never share files."""
+        if self.memory:
+            return Path("runs")
+        return self.path.with_name(f"{self.path.stem}.runs")
+
+    def run_dir(self, run_id: int) -> Path:
+        """Adapters, SFT data and the report of one run: ``<db stem>.runs/run-<id>`` beside
+        the database, or ``<workdir>/run-<id>`` when the run was given ``--workdir``."""
+        workdir = (self.get_run(run_id).get("config") or {}).get("workdir")
+        return (Path(workdir) if workdir else self.files_dir()) / f"run-{run_id}"
+
+    def save_proposal(self, run_id: int, cycle_index: int, name: str, payload: dict, *,
+                      data_file: str | None = None, data_sha256: str | None = None) -> None:
+        """Store (or replace) what a cycle decided under ``name`` before it is used."""
+        self.db.execute(
+            "insert into loop_proposals (run_id, cycle_index, name, payload, data_file, "
+            "data_sha256, created_at) values (?, ?, ?, ?, ?, ?, ?) on conflict "
+            "(run_id, cycle_index, name) do update set payload = excluded.payload, "
+            "data_file = excluded.data_file, data_sha256 = excluded.data_sha256, "
+            "created_at = excluded.created_at",
+            [run_id, cycle_index, name, _dumps(payload), data_file, data_sha256, _now()])
+
+    def drop_proposal(self, run_id: int, cycle_index: int, name: str) -> None:
+        """Forget a stored decision (one that was not carried out)."""
+        self.db.execute("delete from loop_proposals where run_id = ? and cycle_index = ? "
+                        "and name = ?", [run_id, cycle_index, name])
+
+    def proposal(self, run_id: int, cycle_index: int, name: str) -> dict[str, Any] | None:
+        """A stored decision ``{"payload", "data_file", "data_sha256", ...}``, or None."""
+        rows = self._rows("loop_proposals", "run_id = ? and cycle_index = ? and name = ?",
+                          [run_id, cycle_index, name])
+        return rows[0] if rows else None
+
+    def proposals(self, run_id: int, cycle_index: int | None = None) -> list[dict[str, Any]]:
+        """Every stored decision of a run (of one cycle when given), in the order made."""
+        if cycle_index is None:
+            return self._rows("loop_proposals", "run_id = ?", [run_id])
+        return self._rows("loop_proposals", "run_id = ? and cycle_index = ?",
+                          [run_id, cycle_index])
+
+    def add_resume(self, run_id: int, spent_s: float, redone: int) -> None:
+        """Record that a run was resumed, with the time it had spent and the steps redone."""
+        self._insert("loop_resumes", {"run_id": run_id, "at": _now(), "spent_s": spent_s,
+                                      "pid": os.getpid(), "redone": redone})
+
+    def resumes(self, run_id: int) -> list[dict[str, Any]]:
+        """When a run was resumed (``at``, ``spent_s`` before it, ``redone`` steps), oldest first."""
+        return self._rows("loop_resumes", "run_id = ?", [run_id])
+
+
+def _open_error(path: str | Path, exc: sqlite3.DatabaseError) -> str:
+    text = str(exc)
+    if "not a database" in text or "malformed" in text or "encrypted" in text:
+        return (f"{path} is not an experiments database (SQLite said: {text}). "
+                "Point --db at the file `loop run` created, or at a new path.")
+    if "readonly" in text or "unable to open" in text or "disk I/O" in text:
+        return (f"cannot write the experiments database {path} ({text}): check that you may "
+                "write to the file and its folder, or choose another --db.")
+    return f"cannot open the experiments database {path}: {text}"
+
+
+@migrations()
+def m101_proposals_and_resumes(db: Database) -> None:
+    """Decisions stored before they are used (subsets, cycle choices, training proposals) and
+    the resumes of each run."""
+    db["loop_proposals"].create({
+        "id": int, "run_id": int, "cycle_index": int, "name": str, "payload": str,
+        "data_file": str, "data_sha256": str, "created_at": str,
+    }, pk="id", foreign_keys=[("run_id", "loop_runs", "id")])
+    db["loop_proposals"].create_index(["run_id", "cycle_index", "name"], unique=True)
+    db["loop_resumes"].create({
+        "id": int, "run_id": int, "at": str, "spent_s": float, "pid": int, "redone": int,
+    }, pk="id", foreign_keys=[("run_id", "loop_runs", "id")])

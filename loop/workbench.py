@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import shutil
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -56,32 +57,63 @@ class Workbench:
     # ------------------------------------------------------------ data
 
     def load_data(self, dev_size: int | None = None, final_size: int | None = None) -> dict:
-        """Load both benchmarks, split them, and size the dev and final subsets to the budget."""
+        """Load both benchmarks, split them, and size the dev, tune and final subsets.
+
+        The subsets are decided once, at the start of the run, from the whole budget, and
+        stored (their ids) before anything uses them; a resumed run reads them back.
+        """
+        stored = self.store.proposal(self.run_id, 0, "subsets")
+        subsets = (stored or {}).get("payload") or {}
         sizes = {}
         for b in BENCHMARKS:
             records = load_benchmark(b, self.sources.data)
             splits = make_splits(records, seed=self.seed)
-            rate = self.costs.rates.eval_s_per_sample[b]
-            # At most 70% of dev decides, so that searching strategies have questions of
-            # their own (``tune``) and never select on the paired test's questions.
-            n_dev = dev_size or dev_subset_size(rate, self.budget.left_for_cycles(),
-                                                int(0.7 * len(splits["dev"])))
-            n_final = final_size or final_subset_size(rate, self.budget.reserve_s,
-                                                      len(splits["final"]))
+            if not splits["dev"] or not splits["final"]:
+                where = self.sources.data.gqa if b == "gqa_ru" else self.sources.data.mmbench
+                raise UserError(f"the {b} data at {where} has {len(records)} usable questions: "
+                                "its dev or final split comes out empty. Point --data-dir at "
+                                "the full dataset.")
             self.examples[b] = records
-            self.dev[b] = stratified_subset(splits["dev"], n_dev, seed=self.seed)
-            chosen = {e["id"] for e in self.dev[b]}
-            rest = [e for e in splits["dev"] if e["id"] not in chosen]
-            self.tune[b] = stratified_subset(rest, max(1, len(self.dev[b]) // 2), seed=self.seed)
-            if not self.tune[b]:
-                raise UserError(f"the {b} dev split has {len(splits['dev'])} questions: too few to "
-                                f"keep some apart for searching (--dev-size {len(self.dev[b])})")
-            self.final[b] = stratified_subset(splits["final"], n_final, seed=self.seed)
             self.by_id[b] = {e["id"]: e for e in records}
+            if b in subsets:
+                self._read_subsets(b, subsets[b])
+            else:
+                self._choose_subsets(b, splits, dev_size, final_size)
             sizes[b] = {"total": len(records), "dev": len(splits["dev"]), "final": len(splits["final"]),
                         "dev_subset": len(self.dev[b]), "final_subset": len(self.final[b]),
                         "tune_subset": len(self.tune[b])}
+        if not subsets:
+            self.store.save_proposal(self.run_id, 0, "subsets", {
+                b: {part: [e["id"] for e in getattr(self, part)[b]]
+                    for part in ("dev", "tune", "final")} for b in BENCHMARKS})
         return sizes
+
+    def _choose_subsets(self, b: str, splits: dict, dev_size: int | None,
+                        final_size: int | None) -> None:
+        rate = self.costs.rates.eval_s_per_sample[b]
+        # At most 70% of dev decides, so that searching strategies have questions of
+        # their own (``tune``) and never select on the paired test's questions.
+        n_dev = dev_size or dev_subset_size(rate, self.budget.left_for_cycles(),
+                                            int(0.7 * len(splits["dev"])))
+        n_final = final_size or final_subset_size(rate, self.budget.reserve_s,
+                                                  len(splits["final"]))
+        self.dev[b] = stratified_subset(splits["dev"], n_dev, seed=self.seed)
+        chosen = {e["id"] for e in self.dev[b]}
+        rest = [e for e in splits["dev"] if e["id"] not in chosen]
+        self.tune[b] = stratified_subset(rest, max(1, len(self.dev[b]) // 2), seed=self.seed)
+        if not self.tune[b]:
+            raise UserError(f"the {b} dev split has {len(splits['dev'])} questions: too few to "
+                            f"keep some apart for searching (--dev-size {len(self.dev[b])})")
+        self.final[b] = stratified_subset(splits["final"], n_final, seed=self.seed)
+
+    def _read_subsets(self, b: str, ids: dict[str, list[str]]) -> None:
+        missing = [i for part in ids.values() for i in part if i not in self.by_id[b]]
+        if missing:
+            raise UserError(f"the {b} data changed since this run started: {len(missing)} "
+                            f"questions of its stored subsets are gone (e.g. {missing[0]!r}); "
+                            "resume with the same --data-dir, or start a new run")
+        for part in ("dev", "tune", "final"):
+            getattr(self, part)[b] = [self.by_id[b][i] for i in ids[part]]
 
     @cached_property
     def protected(self) -> dict[str, set[str]]:
@@ -180,25 +212,87 @@ class Workbench:
     # ------------------------------------------------------------ training
 
     def train(self, records: list[dict], config, *, name: str, deadline_s: float,
-              strategy: str, parent_id: int | None = None):
-        """Train an adapter under a deadline, register it, feed the cost model."""
+              strategy: str, parent_id: int | None = None, cycle: int = 0):
+        """Train an adapter under a deadline, register it, feed the cost model.
+
+        The proposal (data file with its sha256, full config) is stored before training starts,
+        keyed by cycle and name. A resumed cycle trains with what was stored, from its
+        checkpoint, whatever the strategy proposes this time; an unusable checkpoint is set
+        aside and training starts again in a fresh folder.
+        """
         from core.train import train_lora
 
         out = self.workdir / "adapters" / name
+        records, config, replayed = self._proposal(records, config, name, strategy, parent_id,
+                                                   cycle, out)
         deadline = self.budget.deadline(deadline_s)
         self.vlm.set_adapter(None)
-        result = train_lora(self.vlm, records, config, out, deadline=deadline,
-                            profile=self.profile, adapter_name=adapter_name(str(out)), resume=True)
+        kwargs = dict(deadline=deadline, profile=self.profile, adapter_name=adapter_name(str(out)))
+        try:
+            result = train_lora(self.vlm, records, config, out, resume=True, **kwargs)
+        except Exception as exc:
+            if not replayed or not out.exists():
+                raise
+            aside = _set_aside(out)
+            log.warning("cannot continue the training in %s (%s); moved it to %s and training "
+                        "again from the start", out, exc, aside)
+            result = train_lora(self.vlm, records, config, out, resume=False, **kwargs)
         self.store.heartbeat()
         if result.samples:
             self.costs.observe_train(result.samples, result.seconds)
         if not result.ok:
             return None, result
-        self.store.add_adapter(
-            run_id=self.run_id, path=str(out), parent_id=parent_id, strategy=strategy,
-            config=config.to_dict(), metrics={k: v for k, v in result.to_dict().items()
-                                              if k != "loss_curve"})
+        if not any(a["path"] == str(out) for a in self.store.adapters(self.run_id)):
+            self.store.add_adapter(
+                run_id=self.run_id, path=str(out), parent_id=parent_id, strategy=strategy,
+                config=config.to_dict(), metrics={k: v for k, v in result.to_dict().items()
+                                                  if k != "loss_curve"})
         return str(out), result
+
+    def _proposal(self, records: list[dict], config, name: str, strategy: str,
+                  parent_id: int | None, cycle: int, out: Path):
+        """(records, config, replayed): the stored proposal when it is intact, else this one,
+        stored first."""
+        from core.sft import data_fingerprint, load_sft_jsonl, write_sft_jsonl
+        from core.train import TrainConfig
+
+        key = f"train:{name}"
+        stored = self.store.proposal(self.run_id, cycle, key)
+        if stored is not None:
+            path = Path(stored["data_file"])
+            if path.is_file() and _sha256(path) == stored["data_sha256"]:
+                log.info("cycle %d: training '%s' with its recorded data and config", cycle, name)
+                config = TrainConfig.from_dict(stored["payload"]["config"])
+                return load_sft_jsonl(path), config, True
+            log.warning("the recorded data of '%s' (%s) is gone or changed; training from the "
+                        "start with this proposal", name, path)
+            if out.exists():
+                _set_aside(out)
+        path = self.workdir / "sft" / f"{data_fingerprint(records)}.jsonl"
+        if not path.is_file():
+            write_sft_jsonl(records, path)
+        self.store.save_proposal(self.run_id, cycle, key, {
+            "config": config.to_dict(), "strategy": strategy, "parent_id": parent_id,
+            "adapter_path": str(out), "n_records": len(records)},
+            data_file=str(path), data_sha256=_sha256(path))
+        return load_sft_jsonl(path), config, False
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _set_aside(out: Path) -> Path:
+    """Move an unusable adapter folder out of the way: ``<name>.unusable-<k>``."""
+    k = 1
+    while (aside := out.with_name(f"{out.name}.unusable-{k}")).exists():
+        k += 1
+    shutil.move(str(out), str(aside))
+    return aside
 
 
 def adapter_name(path: str) -> str:

@@ -112,7 +112,8 @@ def test_export_defaults_to_the_pin_and_a_folder_per_adapter(db):
     with Store(db) as store:
         store.pin(1)
     assert cli("--db", str(db)) == 0
-    assert (Path("exports") / "adapter-1" / "adapter" / "adapter_config.json").is_file()
+    run_dir = Path(db).resolve().parent / f"{Path(db).stem}.runs" / "run-1"
+    assert (run_dir / "export" / "adapter-1" / "adapter" / "adapter_config.json").is_file()
 
 
 def test_export_without_a_pin_says_how_to_pin(db):

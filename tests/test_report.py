@@ -221,7 +221,8 @@ def test_report_command_writes_both_files_and_records_the_path(filled, tmp_path,
     monkeypatch.chdir(tmp_path)
     assert cli("--db", str(db)) == 0
     printed = capsys.readouterr().out
-    md = Path("reports") / f"run-{run_id}" / "report.md"
+    # the run's own folder beside its database, so databases in one folder never collide
+    md = Path(db).resolve().parent / f"{Path(db).stem}.runs" / f"run-{run_id}" / "report" / "report.md"
     assert md.is_file() and md.with_suffix(".html").is_file()
     assert str(md) in printed and str(md.with_suffix(".html")) in printed
     with Store(db) as store:

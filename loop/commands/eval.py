@@ -69,6 +69,13 @@ def evaluate_from_args(args: argparse.Namespace):
     examples = load_benchmark(args.benchmark, sources.data)
     if args.split != "all":
         examples = make_splits(examples, seed=args.seed)[args.split]
+        if not examples:
+            from core.exceptions import UserError
+
+            where = sources.data.gqa if args.benchmark == "gqa_ru" else sources.data.mmbench
+            raise UserError(f"the {args.split} split of {args.benchmark} at {where} comes out "
+                            "empty: the data are too few to split. Use --split all, or point "
+                            "--data-dir at the full dataset.")
     if args.limit:
         examples = stratified_subset(examples, args.limit, seed=args.seed)
     vlm = load_model_for(sources.model, args.gpu, adapter=_adapter_path(args))

@@ -17,7 +17,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "how they were measured, beside the run's report (Markdown and HTML), "
         "benchmark_results.json and error_analysis.json.")
     parser.add_argument("--out", metavar="DIR",
-                        help="the export folder (default: exports/adapter-<id>)")
+                        help="the export folder (default: export/adapter-<id> in the adapter's run "
+                        "folder, <db stem>.runs/run-<id>/)")
     parser.add_argument("--adapter", type=int, metavar="ID",
                         help="export this adapter instead of the pinned one")
     add_db_arg(parser)

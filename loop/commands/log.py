@@ -46,6 +46,9 @@ def summarize_run(store: Store, run: dict[str, Any]) -> dict[str, Any]:
         "p_value": {b: (t or {}).get("p_value") for b, t in (c["paired"] or {}).items()},
         "adapter_id": c["adapter_id"],
     } for c in store.cycles(run["id"])]
+    summary["run_dir"] = str(store.run_dir(run["id"]))
+    summary["resumes"] = [{"at": r["at"], "spent_s": r["spent_s"], "redone": r["redone"]}
+                          for r in store.resumes(run["id"])]
     if run["status"] == "finished" or run["final"] is not None:
         summary.update(baseline=run["baseline"], final=run["final"], final_n=run["final_n"])
     return summary
@@ -99,6 +102,12 @@ def render_run(run: dict[str, Any]) -> str:
     lines = [f"run {run['id']}  {run['status']}  preset {run['preset']}  gpu {run['gpu']}  "
              f"budget {format_duration(run['budget_s'])}  spent {format_duration(run['spent_s'])}"
              f"  started {run['started_at']}"]
+    resumes = run.get("resumes") or []
+    if resumes:
+        lines.append(f"  resumed {len(resumes)} time{'s' if len(resumes) > 1 else ''}: " + ", ".join(
+            f"{r['at']} (after {format_duration(r['spent_s'])})" for r in resumes))
+    if run.get("run_dir"):
+        lines.append(f"  files: {run['run_dir']}")
     final_n = run.get("final_n") or {}
     for label, key in (("base model", "baseline"), ("champion", "final")):
         values = run.get(key) or {}

@@ -19,7 +19,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--run", type=int, metavar="ID", help="run id (default: the latest run)")
     parser.add_argument("--out", metavar="PATH",
                         help="the Markdown file (the HTML goes beside it) or a folder "
-                        "(default: reports/run-<id>/report.md and report.html)")
+                        "(default: report/report.md and report.html in the run's folder, "
+                        "<db stem>.runs/run-<id>/)")
     add_db_arg(parser)
     add_json_arg(parser)
     parser.set_defaults(func=run)
@@ -32,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     with Store.open_existing(args.db) as store:
         report = build_report(store, args.run)
         run_id = report.run["id"]
-        out = Path(args.out) if args.out else Path("reports") / f"run-{run_id}" / "report.md"
+        out = (Path(args.out) if args.out
+               else store.run_dir(run_id) / "report" / "report.md")
         md_path, html_path = write_report(report, out)
         store.update_run(run_id, report_path=str(md_path))
     if args.json:

@@ -30,8 +30,9 @@ def add_parser(sub) -> None:
                    help="comma-separated strategies to allow (default: all registered)")
     p.add_argument("--batch-size", type=int, metavar="N",
                    help="evaluation batch size (default: the GPU profile's)")
-    p.add_argument("--workdir", default="runs", metavar="DIR",
-                   help="where adapters and SFT data go (default: ./runs)")
+    p.add_argument("--workdir", metavar="DIR",
+                   help="where adapters, SFT data and reports go, in DIR/run-<id> (default: "
+                   "beside the database, <db stem>.runs/run-<id>, so databases never share files)")
     add_source_args(p)
     add_db_arg(p)
     p.set_defaults(func=run)

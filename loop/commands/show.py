@@ -80,7 +80,11 @@ def cycle_view(store: Store, run_id: int, index: int, limit: int = 5) -> dict[st
         examples[bench] = compare(store.predictions(previous) if previous else None,
                                   store.predictions(eval_id), limit)
     return {"run_id": run_id, **cycle, "decision": decision(cycle),
-            "champion_eval_ids": champion, "examples": examples}
+            "champion_eval_ids": champion, "examples": examples,
+            "run_dir": str(store.run_dir(run_id)),
+            "proposals": [{"name": p["name"], "data_file": p["data_file"],
+                           "data_sha256": p["data_sha256"], "payload": p["payload"]}
+                          for p in store.proposals(run_id, index)]}
 
 
 def baseline_cycle(store: Store, run_id: int, evals: dict[str, dict]) -> dict[str, Any]:
@@ -181,6 +185,11 @@ def render(view: dict[str, Any]) -> str:
     if view["adapter_id"] is not None:
         lines.append(f"adapter: {view['adapter_id']}")
     lines.append(f"duration: {format_duration(view['duration_s'])}")
+    lines.append(f"files: {view['run_dir']}")
+    for p in view.get("proposals", []):
+        if p["data_file"]:
+            lines.append(f"trained on: {p['data_file']} (sha256 {p['data_sha256'][:12]}…, "
+                         f"{p['payload'].get('config', {}).get('steps')} steps)")
     benches = benchmarks_of([view["dev"], view["paired"]])
     if benches:
         rows = []

@@ -1,0 +1,213 @@
+"""Runs that survive anything, tried as a user would: default sizes, SIGKILL at several moments
+of one demo run, each followed by ``--resume``; databases sharing a working folder; remedies
+that raise."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from core.exceptions import UserError
+from loop.cli import main
+from strategies.base import Candidate, Context, Strategy
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+# The moments to kill the run at, each an SQL condition on the database that says the run is
+# inside that phase now (checked in order; a moment the run has already passed is skipped).
+MOMENTS = [
+    ("baseline", "select count(*) from loop_steps where key = 'baseline' and status = 'started'", 1.0),
+    ("sft data", "select count(*) from loop_proposals c join loop_steps s on s.run_id = c.run_id "
+     "and s.key = 'cycle-' || c.cycle_index and s.status = 'started' where c.name = 'choice' "
+     "and json_extract(c.payload, '$.strategy') = 'answer_format_sft' and not exists (select 1 "
+     "from loop_proposals t where t.cycle_index = c.cycle_index and t.name like 'train:%')", 0.5),
+    ("sft training", "select count(*) from loop_proposals t join loop_steps s on s.run_id = t.run_id "
+     "and s.key = 'cycle-' || t.cycle_index and s.status = 'started' where t.name like 'train:%'",
+     4.0),
+    ("candidate evaluation", "select count(*) from loop_adapters a join loop_steps s on "
+     "s.run_id = a.run_id and s.status = 'started' and s.kind = 'cycle'", 1.0),
+    ("final evaluation", "select count(*) from loop_steps where key like 'final-%' and "
+     "status = 'started'", 1.0),
+]
+
+
+def _query(db: Path, sql: str) -> int:
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
+        try:
+            return con.execute(sql).fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0
+
+
+def _run(db: Path, cwd: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "loop", "-q", "run", "--db", str(db), *args],
+                            cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait_for(db: Path, sql: str, proc: subprocess.Popen, timeout: float = 300) -> bool:
+    """True once ``sql`` counts something; False when the process ended first."""
+    end = time.time() + timeout
+    while time.time() < end and proc.poll() is None:
+        if db.exists() and _query(db, sql):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _cli(capsys, *argv: str) -> str:
+    capsys.readouterr()
+    code = main(list(argv))
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return out.out
+
+
+@pytest.fixture(scope="module")
+def demo_world():
+    from core.demo.world import ensure_demo_world
+
+    return ensure_demo_world()
+
+
+def test_sigkill_at_every_phase_then_resume_loses_and_doubles_nothing(demo_world, tmp_path,
+                                                                     capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "e.db"
+    proc = _run(db, tmp_path, "--preset", "demo", "--gpu", "cpu", "--budget", "150s")
+    killed = []
+    for name, sql, delay in MOMENTS:
+        if not _wait_for(db, sql, proc):
+            continue
+        time.sleep(delay)
+        if proc.poll() is not None:
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        killed.append(name)
+        con = sqlite3.connect(db)
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        con.close()
+        proc = _run(db, tmp_path, "--resume")
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert len(killed) >= 3, killed
+
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert con.execute("select status from loop_runs").fetchall() == [("finished",)]
+    indices = [r[0] for r in con.execute("select cycle_index from loop_cycles order by 1")]
+    assert indices == list(range(1, len(indices) + 1))
+    doubled = con.execute(
+        "select count(*) from (select 1 from loop_evaluations where role != 'candidate' "
+        "group by run_id, role, benchmark, split having count(*) > 1)").fetchone()[0]
+    doubled += con.execute(
+        "select count(*) from (select 1 from loop_evaluations where role = 'candidate' "
+        "group by cycle_index, benchmark having count(*) > 1)").fetchone()[0]
+    doubled += con.execute("select count(*) from (select 1 from loop_predictions "
+                           "group by eval_id, sample_id having count(*) > 1)").fetchone()[0]
+    assert doubled == 0
+    assert con.execute("select count(*) from (select path from loop_adapters group by path "
+                       "having count(*) > 1)").fetchone()[0] == 0
+    # No finished step was done twice: every step done again was one a kill had cut short.
+    redone = con.execute("select count(*) from loop_steps where attempts > 1").fetchone()[0]
+    assert redone <= len(killed)
+    resumes = con.execute("select count(*) from loop_resumes").fetchone()[0]
+    assert resumes == len(killed)
+    # The subsets were decided once and never re-sized: every dev evaluation has one size.
+    sizes = con.execute("select benchmark, count(distinct n) from loop_evaluations "
+                        "where split = 'dev' group by benchmark").fetchall()
+    assert all(k == 1 for _, k in sizes), sizes
+    spent, budget = con.execute("select spent_s, budget_s from loop_runs").fetchone()
+    con.close()
+    assert spent <= budget + 60
+
+    log = json.loads(_cli(capsys, "log", "--json", "--db", str(db)))
+    assert len(log["runs"][0]["resumes"]) == len(killed)
+    assert "resumed" in _cli(capsys, "log", "--db", str(db))
+    _cli(capsys, "report", "--db", str(db))
+    assert (tmp_path / "e.runs" / "run-1" / "report" / "report.html").is_file()
+    adapters = sqlite3.connect(db).execute("select id from loop_adapters").fetchall()
+    if adapters:
+        _cli(capsys, "pin", str(adapters[-1][0]), "--db", str(db))
+        _cli(capsys, "export", "--db", str(db))
+    print(f"killed at: {killed}")
+
+
+def test_databases_in_one_folder_never_touch_each_other(demo_world, tmp_path, capsys):
+    small = ["--preset", "demo", "--gpu", "cpu", "--budget", "45s", "--dev-size", "40",
+             "--final-size", "40", "--strategies", "answer_format_sft"]
+    a = _run(tmp_path / "a.db", tmp_path, *small)
+    b = _run(tmp_path / "b.db", tmp_path, *small)  # at the same time, same folder
+    for proc in (a, b):
+        _, err = proc.communicate(timeout=400)
+        assert proc.returncode == 0, err[-3000:]
+    after = _run(tmp_path / "a.db", tmp_path, *small)  # then one after the other
+    _, err = after.communicate(timeout=400)
+    assert after.returncode == 0, err[-3000:]
+    for name, runs in (("a", 2), ("b", 1)):
+        con = sqlite3.connect(tmp_path / f"{name}.db")
+        assert [r[0] for r in con.execute("select status from loop_runs")] == ["finished"] * runs
+        for (path,) in con.execute("select path from loop_adapters"):
+            assert Path(path).is_relative_to((tmp_path / f"{name}.runs").resolve()), path
+        con.close()
+        for run in range(1, runs + 1):
+            assert (tmp_path / f"{name}.runs" / f"run-{run}" / "report" / "report.md").is_file()
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "reports").exists()
+
+
+class Raises(Strategy):
+    """A remedy whose proposal raises a UserError (bad data it found, say)."""
+
+    name, family, summary = "raises", "test", "raises while proposing"
+    addresses = {"format_mismatch": 1.0, "other": 1.0, "color": 1.0, "counting": 1.0,
+                 "location": 1.0}
+
+    def propose(self, ctx: Context) -> Candidate:
+        raise UserError("the remedy found nothing it can use")
+
+    def estimate_cost(self, ctx: Context) -> float:
+        return 1.0
+
+
+class BadAdapter(Raises):
+    """A remedy whose candidate fails in evaluation: its adapter folder does not exist."""
+
+    name, summary = "bad_adapter", "proposes an adapter that is not there"
+
+    def propose(self, ctx: Context) -> Candidate:
+        return ctx.champion.derive(self.name, "a missing adapter",
+                                   adapter_path=str(ctx.workdir / "nowhere"))
+
+
+def test_a_remedy_that_raises_is_a_failed_cycle_and_the_run_goes_on(demo_world, tmp_path,
+                                                                    capsys, monkeypatch):
+    import strategies
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(strategies.REGISTRY, "raises", f"{__name__}:Raises")
+    monkeypatch.setitem(strategies.REGISTRY, "bad_adapter", f"{__name__}:BadAdapter")
+    db = tmp_path / "e.db"
+    assert main(["-q", "run", "--preset", "demo", "--gpu", "cpu", "--budget", "60s",
+                 "--dev-size", "30", "--final-size", "30", "--max-cycles", "2",
+                 "--strategies", "raises,bad_adapter", "--db", str(db)]) == 0
+    log = json.loads(_cli(capsys, "log", "--json", "--db", str(db)))["runs"][0]
+    assert log["status"] == "finished"
+    assert [c["status"] for c in log["cycles"]] == ["failed", "failed"]
+    con = sqlite3.connect(db)
+    errors = [r[0] for r in con.execute("select error from loop_cycles order by cycle_index")]
+    assert any("nothing it can use" in e for e in errors)
+    assert any("no PEFT adapter" in e for e in errors)
