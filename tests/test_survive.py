@@ -23,22 +23,30 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
-# The moments to kill the run at, each an SQL condition on the database that says the run is
-# inside that phase now (checked in order; a moment the run has already passed is skipped).
+# The moments to kill the run at: an SQL condition on the database that says the run is inside
+# that phase now, or "checkpoint" (a training has saved a resumable checkpoint), and how long to
+# wait before the kill. Checked in order; a moment the run has already passed is skipped.
+_IN_CYCLE = ("join loop_steps s on s.run_id = p.run_id and s.key = 'cycle-' || p.cycle_index "
+             "and s.status = 'started'")
+_TRAINED = "select 1 from loop_adapters a where a.path = json_extract(p.payload, '$.adapter_path')"
 MOMENTS = [
-    ("baseline", "select count(*) from loop_steps where key = 'baseline' and status = 'started'", 1.0),
-    ("sft data", "select count(*) from loop_proposals c join loop_steps s on s.run_id = c.run_id "
-     "and s.key = 'cycle-' || c.cycle_index and s.status = 'started' where c.name = 'choice' "
-     "and json_extract(c.payload, '$.strategy') = 'answer_format_sft' and not exists (select 1 "
-     "from loop_proposals t where t.cycle_index = c.cycle_index and t.name like 'train:%')", 0.5),
-    ("sft training", "select count(*) from loop_proposals t join loop_steps s on s.run_id = t.run_id "
-     "and s.key = 'cycle-' || t.cycle_index and s.status = 'started' where t.name like 'train:%'",
-     4.0),
-    ("candidate evaluation", "select count(*) from loop_adapters a join loop_steps s on "
-     "s.run_id = a.run_id and s.status = 'started' and s.kind = 'cycle'", 1.0),
+    ("baseline", "select count(*) from loop_steps where key = 'baseline' and status = 'started'",
+     1.0),
+    ("sft data", f"select count(*) from loop_proposals p {_IN_CYCLE} where p.name = 'choice' "
+     "and json_extract(p.payload, '$.strategy') = 'answer_format_sft' and not exists (select 1 "
+     "from loop_proposals t where t.cycle_index = p.cycle_index and t.name like 'train:%')", 0.3),
+    ("sft training", "checkpoint", 0.5),
+    ("candidate evaluation", f"select count(*) from loop_proposals p {_IN_CYCLE} where p.name "
+     f"like 'train:%' and exists ({_TRAINED})", 0.5),
     ("final evaluation", "select count(*) from loop_steps where key like 'final-%' and "
      "status = 'started'", 1.0),
 ]
+
+
+def _at(db: Path, moment: str) -> bool:
+    if moment == "checkpoint":
+        return any(db.with_name(f"{db.stem}.runs").glob("run-*/adapters/*/checkpoint/trainer_state.pt"))
+    return bool(_query(db, moment))
 
 
 def _query(db: Path, sql: str) -> int:
@@ -62,7 +70,7 @@ def _wait_for(db: Path, sql: str, proc: subprocess.Popen, timeout: float = 300) 
     """True once ``sql`` counts something; False when the process ended first."""
     end = time.time() + timeout
     while time.time() < end and proc.poll() is None:
-        if db.exists() and _query(db, sql):
+        if db.exists() and _at(db, sql):
             return True
         time.sleep(0.2)
     return False
@@ -131,6 +139,10 @@ def test_sigkill_at_every_phase_then_resume_loses_and_doubles_nothing(demo_world
     sizes = con.execute("select benchmark, count(distinct n) from loop_evaluations "
                         "where split = 'dev' group by benchmark").fetchall()
     assert all(k == 1 for _, k in sizes), sizes
+    if "sft training" in killed:  # the training cut short went on from its checkpoint
+        resumed = con.execute("select count(*) from loop_adapters where "
+                              "json_extract(metrics, '$.resumed_from_step') > 0").fetchone()[0]
+        assert resumed >= 1
     spent, budget = con.execute("select spent_s, budget_s from loop_runs").fetchone()
     con.close()
     assert spent <= budget + 60
