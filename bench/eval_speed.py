@@ -1,12 +1,15 @@
-"""Evaluation speed on the demo model: one question at a time (the seed pipeline's way) versus
-length-grouped batches. Prints samples/s, the ratio, peak memory, and checks the answers agree.
+"""Evaluation speed: one question at a time (the seed pipeline's way), length-grouped batches,
+and batches that compute each image's prompt prefix once (the default). Prints samples/s,
+prefill tokens per question, the ratios, peak memory, and checks that the answers agree.
 
-    .venv/bin/python bench/eval_speed.py [--n 128] [--batch-size 32]
+    .venv/bin/python bench/eval_speed.py [--preset demo|saiga-tiny] [--n 256] [--batch-size 32]
+        [--benchmark gqa_ru|mmbench_ru] [--skip-single] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import sys
 import time
@@ -15,45 +18,80 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def _timed(vlm, examples, **kwargs):
+    from core.evaluate import evaluate
+
+    t0 = time.perf_counter()
+    result = evaluate(vlm, examples, progress=False, **kwargs)
+    return result, time.perf_counter() - t0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=128, help="questions (GQA-ru demo dev split)")
+    parser.add_argument("--preset", default="demo", help="demo | saiga-tiny")
+    parser.add_argument("--benchmark", default="gqa_ru", choices=["gqa_ru", "mmbench_ru"])
+    parser.add_argument("--n", type=int, default=256, help="dev questions")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--skip-single", action="store_true", help="skip one-at-a-time")
+    parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
     import torch
 
     from core.data import load_benchmark
-    from core.evaluate import evaluate
+    from core.model import load_vlm
     from core.splits import make_splits, stratified_subset
     from loop.sources import resolve_sources
 
-    sources = resolve_sources("demo")
-    from core.model import load_vlm
-
+    sources = resolve_sources(args.preset)
     vlm = load_vlm(sources.model)
-    dev = make_splits(load_benchmark("gqa_ru", sources.data))["dev"]
+    dev = make_splits(load_benchmark(args.benchmark, sources.data))["dev"]
     examples = stratified_subset(dev, args.n)
-    evaluate(vlm, examples[:8], batch_size=8, progress=False)  # warm-up
+    _timed(vlm, examples[:8], batch_size=8)  # warm-up
 
-    t0 = time.perf_counter()
-    single = [evaluate(vlm, [ex], batch_size=1, progress=False).samples[0] for ex in examples]
-    t_single = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    batched = evaluate(vlm, examples, batch_size=args.batch_size, progress=False).samples
-    t_batched = time.perf_counter() - t0
+    runs = {}
+    if not args.skip_single:
+        t0 = time.perf_counter()
+        single = [_timed(vlm, [ex], batch_size=1, prefix_cache=False)[0] for ex in examples]
+        runs["one at a time"] = ({s.samples[0]["sample_id"]: s.samples[0]["output"] for s in single},
+                                 time.perf_counter() - t0,
+                                 sum(s.metrics["prefill_tokens_per_sample"] for s in single) / len(single))
+    for name, cache in (("batched", False), ("batched + prefix cache", True)):
+        result, seconds = _timed(vlm, examples, batch_size=args.batch_size, prefix_cache=cache)
+        runs[name] = ({s["sample_id"]: s["output"] for s in result.samples}, seconds,
+                      result.metrics["prefill_tokens_per_sample"])
 
-    by_id = {s["sample_id"]: s["output"] for s in batched}
-    same = sum(s["output"] == by_id[s["sample_id"]] for s in single)
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"demo model, {len(examples)} GQA-ru dev questions, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    print(f"one at a time : {len(examples) / t_single:7.1f} samples/s ({t_single:.1f} s)")
-    print(f"batched ({args.batch_size:>3}) : {len(examples) / t_batched:7.1f} samples/s "
-          f"({t_batched:.1f} s)")
-    print(f"speed-up      : {t_single / t_batched:7.1f}x")
-    print(f"identical answers: {same}/{len(examples)}")
-    print(f"peak RSS      : {rss_mb:.0f} MB")
+    plain_out, plain_s, plain_tok = runs["batched"]
+    cached_out, cached_s, cached_tok = runs["batched + prefix cache"]
+    images = len({ex.get("imageId", ex.get("index")) for ex in examples})
+    report = {
+        "preset": args.preset, "benchmark": args.benchmark, "n": len(examples),
+        "images_or_groups": images, "image_tokens": vlm.n_image_tokens,
+        "batch_size": args.batch_size, "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "runs": {name: {"samples_per_s": round(len(examples) / s, 2),
+                        "prefill_tokens_per_sample": round(tok, 1), "seconds": round(s, 2),
+                        "identical_to_batched": sum(out[k] == plain_out[k] for k in out)}
+                 for name, (out, s, tok) in runs.items()},
+        "prefix_cache_speedup": round(plain_s / cached_s, 2),
+        "prefill_reduction": round(plain_tok / cached_tok, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+    same = sum(cached_out[k] == plain_out[k] for k in plain_out)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{args.preset} model ({vlm.n_image_tokens} image tokens), {len(examples)} "
+              f"{args.benchmark} dev questions on {images} images/groups, torch "
+              f"{torch.__version__}, {torch.get_num_threads()} threads")
+        for name, r in report["runs"].items():
+            print(f"{name:<24}: {r['samples_per_s']:8.1f} samples/s, "
+                  f"{r['prefill_tokens_per_sample']:7.1f} prefill tokens/question "
+                  f"({r['seconds']:.1f} s)")
+        print(f"prefix cache            : {report['prefix_cache_speedup']:.2f}x samples/s, "
+              f"{report['prefill_reduction']:.2f}x fewer prefill tokens")
+        print(f"identical answers       : {same}/{len(examples)}")
+        print(f"peak RSS                : {report['peak_rss_mb']} MB")
     return 0 if same == len(examples) else 1
 
 

@@ -21,7 +21,14 @@ from dataclasses import asdict, dataclass, field
 
 from core.data import load_image
 from core.errors import classify
-from core.metrics import accuracy, circular_accuracy, extract_choice, gqa_match, wilson_interval
+from core.metrics import (
+    ROTATION_BASE,
+    accuracy,
+    circular_accuracy,
+    extract_choice,
+    gqa_match,
+    wilson_interval,
+)
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +126,13 @@ class EvalResult:
 
 
 def evaluate(vlm, examples: list[dict], config: EvalConfig | None = None, *,
-             batch_size: int = 16, progress: bool = True) -> EvalResult:
-    """Answer every example in length-grouped batches and score the answers."""
+             batch_size: int = 16, progress: bool = True, prefix_cache: bool = True) -> EvalResult:
+    """Answer every example in batches and score the answers.
+
+    With ``prefix_cache`` (the default), batches hold the questions of one image where possible
+    and each image's prompt prefix is computed once (``core.prefix``); without it, batches are
+    grouped by prompt length. The answers are the same either way.
+    """
     from tqdm.auto import tqdm
 
     config = config or EvalConfig()
@@ -131,7 +143,11 @@ def evaluate(vlm, examples: list[dict], config: EvalConfig | None = None, *,
         raise ValueError("mode='likelihood' is a MMBench-ru protocol; GQA-ru answers are open")
     max_new = config.max_new_tokens or _default_max(benchmark)
     prompts = [build_prompt(ex, config) for ex in examples]
-    order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
+    if prefix_cache:
+        order = sorted(range(len(examples)), key=lambda i: (image_group(examples[i]), len(prompts[i])))
+    else:
+        order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
+    positions0 = vlm.prefill_positions
     samples: list[dict | None] = [None] * len(examples)
     t0 = time.perf_counter()
     bar = tqdm(total=len(examples), desc=f"eval {benchmark}", unit="q", disable=not progress,
@@ -154,7 +170,8 @@ def evaluate(vlm, examples: list[dict], config: EvalConfig | None = None, *,
             outputs = vlm.generate([prompts[i] for i in idx], images, max_new_tokens=max_new,
                                    num_beams=config.num_beams,
                                    repetition_penalty=config.repetition_penalty,
-                                   stop_strings=config.stop_strings or None)
+                                   stop_strings=config.stop_strings or None,
+                                   prefix_cache=prefix_cache)
             letters = [None] * len(idx)
         per = (time.perf_counter() - tb) / len(idx)
         for i, out, letter, ok in zip(idx, outputs, letters, oks):
@@ -165,8 +182,16 @@ def evaluate(vlm, examples: list[dict], config: EvalConfig | None = None, *,
     done = [s for s in samples if s is not None]
     metrics = summarize(benchmark, done)
     metrics["samples_per_s"] = round(len(done) / seconds, 3) if seconds > 0 else None
+    metrics["prefill_tokens_per_sample"] = round((vlm.prefill_positions - positions0) / len(done), 1)
     return EvalResult(benchmark=benchmark, protocol=config.protocol(benchmark),
                       config=config.to_dict(), metrics=metrics, samples=done, seconds=seconds)
+
+
+def image_group(example: dict) -> str:
+    """Which rows show the same picture: a GQA-ru image, or a MMBench-ru question's rotations."""
+    if example["benchmark"] == "gqa_ru":
+        return f"gqa:{example['imageId']}"
+    return f"mmb:{int(example['index']) % ROTATION_BASE:09d}"
 
 
 def _blank(vlm):

@@ -53,6 +53,8 @@ class VLM:
                                      self.tokenizer.convert_tokens_to_ids(END_OF_TEXT))
                          if i is not None and i != self.tokenizer.unk_token_id]
         self.n_image_tokens = image_token_count(processor)
+        self.prefill_positions = 0
+        """Token positions run through the model in prefill so far (padding included)."""
 
     @property
     def device(self):
@@ -74,19 +76,34 @@ class VLM:
 
     def generate(self, texts: list[str], images: list, *, max_new_tokens: int = 16,
                  num_beams: int = 1, repetition_penalty: float = 1.0,
-                 stop_strings: list[str] | None = None) -> list[str]:
-        """Greedy (or beam) answers for a batch of user texts, one image each."""
+                 stop_strings: list[str] | None = None, prefix_cache: bool = False) -> list[str]:
+        """Greedy (or beam) answers for a batch of user texts, one image each.
+
+        With ``prefix_cache`` (greedy only), the prompt prefix each image's rows share is run
+        once per image (``core.prefix``); the answers are the same.
+        """
         import torch
 
-        prompts = [self.chat_prompt(t) for t in texts]
-        inputs = self._inputs(prompts, images)
-        with torch.inference_mode():
-            out = self.model.generate(
-                **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
-                repetition_penalty=repetition_penalty, eos_token_id=self.stop_ids,
-                pad_token_id=self.tokenizer.pad_token_id)
-        new = out[:, inputs["input_ids"].shape[1]:]
-        answers = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        shared = None
+        if prefix_cache and num_beams == 1:
+            from core.prefix import generate_shared
+
+            shared = generate_shared(self, texts, images, max_new_tokens=max_new_tokens,
+                                     repetition_penalty=repetition_penalty)
+        if shared is not None:
+            answers, positions = shared
+        else:
+            prompts = [self.chat_prompt(t) for t in texts]
+            inputs = self._inputs(prompts, images)
+            with torch.inference_mode():
+                out = self.model.generate(
+                    **inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                    num_beams=num_beams, repetition_penalty=repetition_penalty,
+                    eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id)
+            new = out[:, inputs["input_ids"].shape[1]:]
+            answers = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+            positions = inputs["input_ids"].numel()
+        self.prefill_positions += positions
         if stop_strings:
             answers = [_cut(a, stop_strings) for a in answers]
         return [a.strip() for a in answers]
@@ -110,6 +127,7 @@ class VLM:
         full = [p + c for p, c, _ in pairs]
         inputs = self._inputs(full, [img for _, _, img in pairs])
         cont_lens = [len(tok(c, add_special_tokens=False)["input_ids"]) for _, c, _ in pairs]
+        self.prefill_positions += inputs["input_ids"].numel()
         with torch.inference_mode():
             logits = self.model(**inputs).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1)

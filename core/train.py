@@ -103,6 +103,9 @@ class TrainConfig:
     """With a grad scaler: consecutive steps with non-finite gradients before giving up."""
     seed: int = 0
     """Seed for data order, LoRA initialisation and dropout."""
+    pack_by_image: bool = False
+    """Merge the records about one image into multi-turn conversations (``core.packing``), so
+    the image's tokens are read once per pack rather than once per question."""
 
     def __post_init__(self):
         problems = []
@@ -269,7 +272,10 @@ def train_lora(vlm, records: list[dict], config: TrainConfig, out_dir: str | Pat
         if done is not None:
             return done
 
-    data = LLaVADataProcessor(vlm.processor, max_length=min(config.max_length, _positions(vlm)))
+    max_length = min(config.max_length, _positions(vlm))
+    if config.pack_by_image:
+        records = _packed(vlm, records, max_length)
+    data = LLaVADataProcessor(vlm.processor, max_length=max_length)
     encoded = data.encode_all(records, progress=True)
     skipped = data.stats.to_dict()
     result = TrainResult(status="failed_data", adapter_name=name, n_examples=len(encoded),
@@ -473,6 +479,19 @@ def _accumulate(ctx: _Ctx, batch: list, state: _State) -> float:
     state.tokens += tokens
     state.target_tokens += n_targets
     return loss_sum
+
+
+def _packed(vlm, records: list[dict], max_length: int) -> list[dict]:
+    from core.packing import image_tokens_per_question, pack_by_image
+
+    tok = vlm.tokenizer
+    packed = pack_by_image(  # ~8 template tokens per turn: headers and <|eot_id|>
+        records, max_tokens=max_length - vlm.n_image_tokens - 16,
+        count_tokens=lambda text: len(tok(text, add_special_tokens=False)["input_ids"]) + 8)
+    log.info("packed %d records into %d by image: %.0f -> %.0f image tokens per question",
+             len(records), len(packed), image_tokens_per_question(records, vlm.n_image_tokens),
+             image_tokens_per_question(packed, vlm.n_image_tokens))
+    return packed
 
 
 def _is_oom(exc: BaseException) -> bool:
