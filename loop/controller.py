@@ -59,6 +59,8 @@ class RunConfig:
     """Final questions per benchmark; None fits them into the reserve."""
     batch_size: int | None = None
     """Evaluation batch size; None takes the GPU profile's."""
+    prefix_cache: bool = True
+    """Compute each image's prompt prefix once per evaluation batch (same answers, less work)."""
     workdir: str | None = None
     """Where adapters, SFT data and the report of each run go (<workdir>/run-<id>/...); None:
     beside the database, <db stem>.runs/run-<id>/."""
@@ -175,7 +177,7 @@ class Loop:
         self.bench = Workbench(store=self.store, run_id=self.run_id, vlm=vlm, profile=profile,
                                sources=sources, budget=self.budget, costs=costs, seed=cfg.seed,
                                workdir=workdir, batch_size=cfg.batch_size or profile.eval_batch_size,
-                               progress=cfg.progress)
+                               progress=cfg.progress, prefix_cache=cfg.prefix_cache)
         sizes = self.bench.load_data(cfg.dev_size, cfg.final_size)
         self.echo(f"run {self.run_id}: {sources.model} on {profile.name}, loaded in "
                   f"{time.time() - t0:.0f} s; dev subsets "

@@ -43,10 +43,12 @@ class Scored:
 
 class Workbench:
     def __init__(self, *, store, run_id: int, vlm, profile, sources, budget: Budget,
-                 costs: CostModel, seed: int, workdir: Path, batch_size: int, progress: bool):
+                 costs: CostModel, seed: int, workdir: Path, batch_size: int, progress: bool,
+                 prefix_cache: bool = True):
         self.store, self.run_id, self.vlm, self.profile = store, run_id, vlm, profile
         self.sources, self.budget, self.costs, self.seed = sources, budget, costs, seed
         self.workdir, self.batch_size, self.progress = workdir, batch_size, progress
+        self.prefix_cache = prefix_cache
         self.examples: dict[str, list[dict]] = {}
         self.dev: dict[str, list[dict]] = {}
         self.tune: dict[str, list[dict]] = {}
@@ -164,7 +166,7 @@ class Workbench:
         """Evaluate without recording (strategies' searches); feeds the cost model."""
         self.activate(adapter_path)
         result = evaluate(self.vlm, examples, config, batch_size=self.batch_size,
-                          progress=self.progress)
+                          progress=self.progress, prefix_cache=self.prefix_cache)
         self.costs.observe_eval(benchmark, len(examples), result.seconds, config.mode)
         self.store.heartbeat()
         return result

@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
                    help="comma-separated strategies to allow (default: all registered)")
     p.add_argument("--batch-size", type=int, metavar="N",
                    help="evaluation batch size (default: the GPU profile's)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="compute every question's whole prompt, image included (for comparison; "
+                   "by default each image's prompt prefix is computed once per batch)")
     p.add_argument("--workdir", metavar="DIR",
                    help="where adapters, SFT data and reports go, in DIR/run-<id> (default: "
                    "beside the database, <db stem>.runs/run-<id>, so databases never share files)")
@@ -56,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
                        model=args.model, data_dir=args.data_dir, coco_dir=args.coco_dir,
                        seed=args.seed, reserve_fraction=args.reserve, max_cycles=args.max_cycles,
                        dev_size=args.dev_size, final_size=args.final_size,
-                       batch_size=args.batch_size, workdir=args.workdir, strategies=names,
+                       batch_size=args.batch_size, prefix_cache=args.prefix_cache,
+                       workdir=args.workdir, strategies=names,
                        progress=not args.quiet)
     store = Store(args.db)
     try:
