@@ -94,7 +94,7 @@ def build_prompt(example: dict, config: EvalConfig) -> str:
     if config.mode == "likelihood":
         return f"{head}\n{config.instruction or GQA_INSTRUCTION}"
     options = "\n".join(f"{k}. {v}" for k, v in example["options"].items())
-    return f"{head}{config.option_header}\n{options}\n{config.instruction or MMB_INSTRUCTION}"
+    return f"{head}{config.option_header}\n{options}\n\n{config.instruction or MMB_INSTRUCTION}"
 
 
 @dataclass

@@ -106,6 +106,10 @@ class TrainConfig:
     pack_by_image: bool = False
     """Merge the records about one image into multi-turn conversations (``core.packing``), so
     the image's tokens are read once per pack rather than once per question."""
+    init_from: str | None = None
+    """A LoRA adapter folder (PEFT format) to continue training: the new adapter starts from
+    its weights and takes its rank, alpha, target modules and projector setting. None starts a
+    fresh adapter on the base model."""
 
     def __post_init__(self):
         problems = []
@@ -285,8 +289,15 @@ def train_lora(vlm, records: list[dict], config: TrainConfig, out_dir: str | Pat
         result.seconds = time.time() - t0
         return result
 
+    lora = _lora_config(vlm, config)
     torch.manual_seed(config.seed)
-    model = attach_lora(vlm, name, _lora_config(vlm, config), dtype=profile.lora_dtype)
+    model = attach_lora(vlm, name, lora, dtype=profile.lora_dtype)
+    if config.init_from:
+        try:
+            _init_from_parent(model, name, config)
+        except BaseException:
+            remove_adapter(vlm, name)
+            raise
     params = trainable_parameters(model)
     plan = _Plan(encoded, config)
     opt = _optimizer(params, config, profile)
@@ -549,10 +560,37 @@ def _optimizer(params: list, config: TrainConfig, profile):
 
 
 def _lora_config(vlm, config: TrainConfig):
+    if config.init_from:
+        return _parent_lora_config(config)
     return lora_config(rank=config.rank, alpha=config.alpha, dropout=config.dropout,
                        target_modules=config.target_modules,
                        train_projector=config.train_projector, base_model=vlm.source,
                        revision=_revision(vlm))
+
+
+def _parent_lora_config(config: TrainConfig):
+    """The LoRA config of the adapter ``config.init_from`` (with this run's dropout)."""
+    from peft import LoraConfig
+
+    path = Path(config.init_from)
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(f"`init_from` must be a LoRA adapter folder with adapter_config.json, "
+                        f"but got '{path}'. Point it at a trained adapter, or set it to None to "
+                        "start from the base model.")
+    parent = LoraConfig.from_pretrained(str(path))
+    parent.lora_dropout, parent.inference_mode = config.dropout, False
+    if parent.r != config.rank:
+        log.info("continuing adapter %s: its rank %d replaces the configured rank %d",
+                 path, parent.r, config.rank)
+    return parent
+
+
+def _init_from_parent(model, name: str, config: TrainConfig) -> None:
+    """Copy the weights of the adapter ``config.init_from`` into the new adapter ``name``."""
+    from peft.utils import load_peft_weights
+
+    load_adapter_state(model, name, load_peft_weights(config.init_from, device="cpu"))
+    log.info("adapter '%s' starts from the weights of %s", name, config.init_from)
 
 
 @contextmanager
@@ -646,7 +684,8 @@ def _metadata(vlm, records, encoded, fingerprint, config, profile, result) -> di
                      "n_examples": len(encoded),
                      "sources": dict(Counter(r["source"] for r in records)),
                      "skipped": result.skipped},
-            "config": config.to_dict(), "profile": profile.to_dict(),
+            "config": config.to_dict(), "parent": config.init_from,
+            "profile": profile.to_dict(),
             "metrics": result.to_dict(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,

@@ -5,7 +5,9 @@ to GQA-ru train questions weighted toward the weak question types, multiple choi
 GQA-ru train in the MMBench-ru prompt with the bare letter as the answer (more of it the larger
 MMBench-ru's share of format mismatches), and LLaVA-Instruct-ru to keep general ability. The
 run is sized to the time left after the candidate's dev evaluation; it trains through
-``ctx.train`` and proposes the new adapter with the champion's prompts and decoding.
+``ctx.train`` and proposes the new adapter with the champion's prompts and decoding. When the
+champion has an adapter, the new one continues training it (``TrainConfig.init_from``), so a
+later candidate builds on what the champion already learnt instead of starting from the base.
 """
 
 from __future__ import annotations
@@ -72,8 +74,9 @@ class AnswerFormatSFT(Strategy):
         mix = profile_mix(ctx)
         records, data_info = SFTDataBuilder(ctx).build(plan.n_records, mix, seed)
         data_file = write_sft_jsonl(records, ctx.workdir / "answer_format_sft.jsonl")
+        init_from = ctx.champion.adapter_path
         config = TrainConfig(steps=plan.steps, batch_size=plan.batch_size, lr=ctx.train_lr, rank=RANK,
-                             alpha=2 * RANK, dropout=DROPOUT, seed=seed)
+                             alpha=2 * RANK, dropout=DROPOUT, seed=seed, init_from=init_from)
         # the budget bounds training even when the measured rates were too optimistic
         deadline_s = min(clock.left(reserve=self.eval_cost(ctx)),
                          self.budget(ctx) - clock.elapsed())
@@ -93,12 +96,13 @@ class AnswerFormatSFT(Strategy):
             self.name,
             f"LoRA r{RANK} on {len(records)} answer-format records "
             f"({', '.join(f'{n} {kind}' for kind, n in data_info['counts'].items())}), "
-            f"{plan.steps} steps",
+            f"{plan.steps} steps, {'from the champion' if init_from else 'from the base'}",
             adapter_path=str(adapter_path), adapter_id=None,
             train={"config": config.to_dict(), "result": result_dict},
             details={"data": data_info, "data_file": str(data_file), "attempt": k,
                      "planned_steps": plan.steps, "deadline_s": round(deadline_s, 1),
                      "train_status": status, "parent_adapter": ctx.champion.adapter_path,
+                     "init_from": "champion" if init_from else "base",
                      "weak_types": _weak_types(ctx)})
 
     def estimate_cost(self, ctx: Context) -> float:

@@ -33,7 +33,7 @@ def test_gqa_prompt_is_lmms_evals():
 def test_mmbench_prompt_is_lmms_evals_with_and_without_hint():
     ex = _mmb(5, {"A": "красный", "B": "синий"}, "A")
     assert build_prompt(ex, EvalConfig()) == (
-        "Какого цвета фигура? There are several options:\nA. красный\nB. синий\n"
+        "Какого цвета фигура? There are several options:\nA. красный\nB. синий\n\n"
         "Выбери правильный вариант ответа буквой.")
     ex["hint"] = "Подсказка."
     assert build_prompt(ex, EvalConfig()).startswith("Подсказка. Какого цвета фигура? There")

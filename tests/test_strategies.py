@@ -333,10 +333,10 @@ def test_prompt_constraints_golden_prompts():
     assert build_prompt(gqa, EvalConfig(**gqa_variants()[0].changes)) == (
         "Какого цвета фигура слева?\nОтветь одним словом, без пояснений.")
     assert build_prompt(mmb, EvalConfig(**mmbench_variants()[0].changes)) == (
-        "Какого цвета фигура? Варианты ответа:\nA. синий\nB. красный\n"
+        "Какого цвета фигура? Варианты ответа:\nA. синий\nB. красный\n\n"
         "Ответь только буквой варианта (A, B, C или D).")
     assert build_prompt(mmb, EvalConfig(**mmbench_variants()[3].changes)) == (
-        "Какого цвета фигура? Варианты ответа:\nA. синий\nB. красный\n"
+        "Какого цвета фигура? Варианты ответа:\nA. синий\nB. красный\n\n"
         "Выбери правильный вариант ответа буквой.")
 
 
@@ -638,7 +638,7 @@ def test_optuna_hpo_fits_the_number_of_trials_to_the_time(tmp_path, fake_data, w
 
     assert trials(2000.0, "long") == 4
     assert trials(200.0, "short") == 2  # 0.6 x 159 s after the dev evaluation, 40 s a trial
-    with pytest.raises(ProposalFailed, match="needs about 108 s"):
+    with pytest.raises(ProposalFailed, match="needs about 106 s"):
         trials(60.0, "none")
 
 

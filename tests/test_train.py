@@ -306,6 +306,48 @@ def test_two_adapters_trained_and_switched_on_one_base(tiny_vlm_factory, tmp_pat
 
 
 @pytest.mark.slow
+def test_a_candidate_trained_on_the_champion_starts_from_its_weights(tiny_vlm_factory, tmp_path):
+    """Continued training: at step 0 the new adapter's logits are the champion's, not the base's."""
+    import torch
+
+    vlm = tiny_vlm_factory()
+    records = _records(8)
+    base = _logits(vlm, records[:3])
+    train_lora(vlm, _records(8, answer="да"), _config(steps=3, rank=8), tmp_path / "champ",
+               adapter_name="champ")
+    champion = _logits(vlm, records[:3])
+    assert not torch.allclose(champion, base)
+    at_start = {}
+
+    def capture(event):
+        if event.step == 0 and not at_start:
+            at_start["logits"] = _logits(vlm, records[:3])
+
+    result = train_lora(vlm, records, _config(steps=2, dropout=0.0,
+                                              init_from=str(tmp_path / "champ")),
+                        tmp_path / "cont", adapter_name="cont",
+                        hooks=TrainHooks(before_micro_step=capture))
+    assert result.ok
+    assert torch.allclose(at_start["logits"], champion, atol=1e-5)
+    meta = json.loads((tmp_path / "cont" / METADATA_FILE).read_text())
+    assert meta["parent"] == str(tmp_path / "champ") and meta["config"]["init_from"]
+    assert json.loads((tmp_path / "cont" / "adapter_config.json").read_text())["r"] == 8
+    assert not torch.allclose(_logits(vlm, records[:3]), champion)  # and then it trained on
+
+    at_start.clear()
+    train_lora(vlm, records, _config(steps=1, dropout=0.0), tmp_path / "fresh",
+               adapter_name="fresh", hooks=TrainHooks(before_micro_step=capture))
+    assert torch.allclose(at_start["logits"], base, atol=1e-5)  # a fresh LoRA starts at the base
+
+
+def test_init_from_a_folder_without_an_adapter_is_a_clear_error(tiny_vlm_factory, tmp_path):
+    vlm = tiny_vlm_factory()
+    with pytest.raises(UserError, match="`init_from` must be a LoRA adapter folder"):
+        train_lora(vlm, _records(4), _config(init_from=str(tmp_path)), tmp_path / "x")
+    assert not vlm.adapters
+
+
+@pytest.mark.slow
 def test_short_training_makes_answers_short(tiny_vlm_factory, tmp_path):
     """The untrained model rambles to max_new_tokens; after SFT on one-word answers it stops."""
     vlm = tiny_vlm_factory()

@@ -1,10 +1,15 @@
-"""Synthetic scenes and Russian questions about them (colour, counting, location, yes/no).
+"""Synthetic scenes and Russian questions about them (colour, shape, counting, location).
 
-A scene is a 3x3 grid of cells; each of the three columns holds at most one coloured shape.
-Images are 48x48 pixels, so with 16-pixel patches every cell is one vision token.
+A scene is a 3x3 grid of cells with one to three shapes of one colour and one kind, each in
+its own column. Images are 48x48 pixels, so with 16-pixel patches every cell is one vision
+token. Every question needs the whole image, or its only shape: a 4-layer language model learns
+those quickly, while binding a word to one region of the image it learns poorly.
+
+Two families of wording: GQA-ru-like questions (``questions_for``) and MMBench-ru-like
+multiple-choice items (``choice_items``) with their own phrasing and categories, as in the real
+benchmarks, so that anything learnt from GQA-ru train reaches MMBench-ru only as a skill.
 Short answers follow GQA-ru's style (one word); verbose answers imitate the way the real
-LLaVA-Saiga answers: a whole sentence around the answer word, so exact match fails although
-the model knows the word (multiple-choice prompts get a description of the scene instead).
+LLaVA-Saiga answers without the one-word instruction: a sentence around the answer word.
 """
 
 from __future__ import annotations
@@ -25,10 +30,13 @@ COLORS: dict[str, tuple[tuple[int, int, int], str, str]] = {
     "жёлтый": ((235, 215, 20), "жёлтая", "жёлтого"),
     "фиолетовый": ((140, 40, 170), "фиолетовая", "фиолетового"),
 }
+PLURAL = {"красный": "красные", "синий": "синие", "зелёный": "зелёные", "жёлтый": "жёлтые",
+          "фиолетовый": "фиолетовые"}
 COLUMNS = ["слева", "посередине", "справа"]
 COLUMN_PHRASE = ["в левой части", "в центральной части", "в правой части"]
 COUNT_WORDS = {1: "одна", 2: "две", 3: "три"}
 SHAPES = ("square", "circle")
+SHAPE_WORDS = {"square": "квадрат", "circle": "круг"}
 
 
 @dataclass(frozen=True)
@@ -52,13 +60,11 @@ class Scene:
 
 
 def random_scene(rng: random.Random) -> Scene:
-    n = rng.choice([1, 2, 2, 3, 3])
+    n = rng.choice([1, 1, 2, 2, 3, 3])
     columns = sorted(rng.sample(range(3), n))
-    colors = rng.sample(sorted(COLORS), n)
-    shapes = tuple(
-        Shape(color=c, column=col, row=rng.randrange(3), kind=rng.choice(SHAPES))
-        for c, col in zip(colors, columns)
-    )
+    color, kind = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
+    shapes = tuple(Shape(color=color, column=col, row=rng.randrange(3), kind=kind)
+                   for col in columns)
     grey = rng.randint(225, 250)
     return Scene(shapes=shapes, background=(grey, grey, grey))
 
@@ -68,7 +74,9 @@ def render(scene: Scene, rng: random.Random) -> Image.Image:
     draw = ImageDraw.Draw(img)
     for s in scene.shapes:
         rgb = tuple(max(0, min(255, v + rng.randint(-20, 20))) for v in COLORS[s.color][0])
-        pad = rng.randint(1, 3)
+        # A square fills its cell; a circle is a small disc: the two differ in how much of
+        # the cell they cover, which even a tiny vision tower tells apart at once.
+        pad = rng.randint(0, 1) if s.kind == "square" else rng.randint(3, 4)
         box = (s.column * CELL + pad, s.row * CELL + pad,
                (s.column + 1) * CELL - pad - 1, (s.row + 1) * CELL - pad - 1)
         if s.kind == "square":
@@ -93,62 +101,95 @@ class Question:
 
 
 def questions_for(scene: Scene, rng: random.Random) -> list[Question]:
-    """All question kinds that make sense for the scene, in a fixed order."""
+    """GQA-ru-like questions about the scene: colour, location (one shape only), count, shape."""
     out = []
-    shape = rng.choice(scene.shapes)
-    col = COLUMNS[shape.column]
-    fem = COLORS[shape.color][1]
+    n = len(scene.shapes)
+    first = scene.shapes[0]
+    noun = "фигура" if n == 1 else "фигуры"
+    fem = COLORS[first.color][1]
+    color_q = "Какого цвета фигура на картинке?" if n == 1 else "Какого цвета фигуры на картинке?"
     out.append(Question(
-        kind="color",
-        question=f"Какого цвета фигура {col}?",
-        answer=shape.color,
-        full_answer=f"Фигура {col} {fem}.",
-        verbose=f"Цвет фигуры {col} — {shape.color}, это хорошо видно на картинке.",
+        kind="color", question=color_q, answer=first.color,
+        full_answer=f"{'Фигура' if n == 1 else 'Фигуры'} {fem if n == 1 else PLURAL[first.color]}.",
+        verbose=f"На картинке {noun} цвета, который можно назвать так: {first.color}.",
         options=tuple(COLORS),
-        semantic=(("select", "фигура"), ("filter hposition", col), ("query", "color")),
+        semantic=(("select", "фигура"), ("query", "color")),
         types=("query", "attr", "queryAttr"),
     ))
-    target = rng.choice(scene.shapes)
-    tfem = COLORS[target.color][1]
+    if n == 1:
+        col = first.column
+        out.append(Question(
+            kind="location", question="Где находится фигура?", answer=COLUMNS[col],
+            full_answer=f"Фигура находится {COLUMNS[col]}.",
+            verbose=f"Фигура находится {COLUMNS[col]}, {COLUMN_PHRASE[col]} этой картинки.",
+            options=tuple(COLUMNS),
+            semantic=(("select", "фигура"), ("query", "hposition")),
+            types=("query", "rel", "positionQuery"),
+        ))
     out.append(Question(
-        kind="location",
-        question=f"Где находится {tfem} фигура?",
-        answer=COLUMNS[target.column],
-        full_answer=f"{tfem.capitalize()} фигура находится {COLUMNS[target.column]}.",
-        verbose=(f"{tfem.capitalize()} фигура находится {COLUMNS[target.column]}, "
-                 f"{COLUMN_PHRASE[target.column]} этой картинки."),
-        options=tuple(COLUMNS),
-        semantic=(("select", "фигура"), ("filter color", target.color), ("query", "hposition")),
-        types=("query", "rel", "positionQuery"),
-    ))
-    n = len(scene.shapes)
-    noun = "фигура" if n == 1 else "фигуры"
-    out.append(Question(
-        kind="count",
-        question="Сколько фигур на картинке?",
-        answer=COUNT_WORDS[n],
+        kind="count", question="Сколько фигур на картинке?", answer=COUNT_WORDS[n],
         full_answer=f"На картинке {COUNT_WORDS[n]} {noun}.",
-        verbose=f"Если посчитать внимательно, то на картинке {COUNT_WORDS[n]} {noun} разного цвета.",
+        verbose=f"Если посчитать внимательно, то на картинке {COUNT_WORDS[n]} {noun}.",
         options=tuple(COUNT_WORDS.values()),
         semantic=(("select", "фигура"), ("count", "фигура")),
         types=("query", "obj", "count"),
     ))
-    present = rng.random() < 0.5
-    color = (rng.choice(sorted(scene.colors())) if present
-             else rng.choice(sorted(set(COLORS) - scene.colors())))
-    cfem = COLORS[color][1]
+    word = SHAPE_WORDS[first.kind]
     out.append(Question(
-        kind="exist",
-        question=f"Есть ли на картинке {cfem} фигура?",
-        answer="да" if present else "нет",
-        full_answer=f"{'Да' if present else 'Нет'}, {cfem} фигура {'есть' if present else 'отсутствует'}.",
-        verbose=(f"Да, на этой картинке действительно можно увидеть {cfem} фигуру." if present
-                 else f"Нет, на этой картинке {COLORS[color][2]} цвета фигуры не видно."),
-        options=("да", "нет"),
-        semantic=(("select", "фигура"), ("filter color", color), ("exist", "?")),
-        types=("verify", "obj", "existAttr"),
+        kind="shape", question=f"Какой формы {noun} на картинке?", answer=word,
+        full_answer=f"{'Фигура' if n == 1 else 'Фигуры'} в форме: {word}.",
+        verbose=f"Если присмотреться, форма такая: {word}, это хорошо видно.",
+        options=tuple(SHAPE_WORDS.values()),
+        semantic=(("select", "фигура"), ("query", "shape")),
+        types=("query", "attr", "queryShape"),
     ))
     return out
+
+
+MMBENCH_CATEGORIES = {
+    "color": ("attribute_recognition", "Attribute Reasoning"),
+    "location": ("spatial_relationship", "Relation Reasoning"),
+    "count": ("instance_quantity", "Fine-grained Perception (instance)"),
+    "shape": ("physical_property_reasoning", "Attribute Reasoning"),
+}
+"""MMBench-ru-like item family -> (category, l2-category)."""
+
+
+def choice_items(scene: Scene, rng: random.Random) -> list[tuple[str, Question]]:
+    """MMBench-ru-like items about the scene, as (family, question); location needs one shape.
+
+    The wording differs from ``questions_for`` ("объект", "изображение", "рисунок"); answers
+    use the same words, so a skill learnt on one family can carry over to the other. Each
+    question's ``options`` are the texts its distractors may be drawn from (the answer too).
+    """
+    first, n = scene.shapes[0], len(scene.shapes)
+    out = [("color", Question(
+        kind="color", question="Какой цвет у объектов на этом изображении?", answer=first.color,
+        full_answer="", verbose="", options=tuple(COLORS), semantic=(),
+        types=("query", "attr", "queryAttr")))]
+    if n == 1:
+        out.append(("location", Question(
+            kind="location", question="В какой части изображения расположен объект?",
+            answer=COLUMNS[first.column], full_answer="", verbose="", options=tuple(COLUMNS),
+            semantic=(), types=("query", "rel", "positionQuery"))))
+    out.append(("count", Question(
+        kind="count", question="Сколько объектов изображено на рисунке?", answer=COUNT_WORDS[n],
+        full_answer="", verbose="", options=tuple(COUNT_WORDS.values()), semantic=(),
+        types=("query", "obj", "count"))))
+    out.append(("shape", Question(
+        kind="shape", question="Выберите форму объектов, изображённых на рисунке.",
+        answer=SHAPE_WORDS[first.kind], full_answer="", verbose="",
+        options=tuple(SHAPE_WORDS.values()), semantic=(), types=("query", "attr", "queryShape"))))
+    return out
+
+
+def choice_item(scene_rng: random.Random, family: str) -> tuple[Scene, Question]:
+    """A fresh scene and its MMBench-ru-like item of ``family`` (one shape for location)."""
+    while True:
+        scene = random_scene(scene_rng)
+        items = dict(choice_items(scene, scene_rng))
+        if family in items:
+            return scene, items[family]
 
 
 def describe(scene: Scene) -> str:

@@ -32,7 +32,7 @@ TEXT = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_att
             rope_theta=10000.0)
 VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
               image_size=48, patch_size=16, projection_dim=64)
-PRETRAIN = dict(steps=850, batch_size=32, lr=2e-3, warmup=60, max_length=160)
+PRETRAIN = dict(steps=1300, batch_size=32, lr=2e-3, warmup=60, max_length=160)
 VISION_PRETRAIN = dict(steps=300, batch_size=64, lr=3e-3)
 
 
@@ -136,6 +136,28 @@ def pretrain_verbose(model, processor, examples, seed: int, **overrides) -> list
     return losses
 
 
+def taught_accuracy(model, processor, probes, batch_size: int = 32) -> dict[str, float]:
+    """Share of ``probes`` (image, user, taught answer, kind) whose whole taught answer is the
+    model's greedy choice at every answer token (teacher-forced), per kind."""
+    import torch
+
+    from core.processor import collate, encode_conversation
+
+    hits: dict[str, list[bool]] = {}
+    model.eval()
+    for start in range(0, len(probes), batch_size):
+        part = probes[start:start + batch_size]
+        batch = collate([encode_conversation(processor, img, [(user, answer)])
+                         for img, user, answer, _ in part], processor)
+        labels = batch.pop("labels")
+        with torch.no_grad():
+            guess = model(**batch).logits.argmax(-1)
+        right = (guess[:, :-1] == labels[:, 1:]) | (labels[:, 1:] == -100)
+        for (_, _, _, kind), ok in zip(part, right.all(-1).tolist()):
+            hits.setdefault(kind, []).append(ok)
+    return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+
+
 def pretrain_vision(model, processor, images, seed: int, **overrides) -> float:
     """Stage 0, standing in for CLIP pretraining: the vision tower learns what is in each cell.
 
@@ -152,10 +174,13 @@ def pretrain_vision(model, processor, images, seed: int, **overrides) -> float:
     pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     labels = torch.tensor([patch_labels(img) for img in images])
     probe = torch.nn.Linear(tower.config.hidden_size, 1 + len(COLORS))
-    # A second probe asks for the cell's column, so that "слева/справа" is easy to read off.
+    # A second probe asks for the cell's column, so that "слева/справа" is easy to read off,
+    # and a third for the shape in the cell (none, square, circle).
     where = torch.nn.Linear(tower.config.hidden_size, 3)
     columns = torch.arange(9).remainder(3)
-    params = [*tower.parameters(), *probe.parameters(), *where.parameters()]
+    form = torch.nn.Linear(tower.config.hidden_size, 3)
+    shapes = torch.tensor([patch_shapes(img) for img in images])
+    params = [*tower.parameters(), *probe.parameters(), *where.parameters(), *form.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg["lr"])
     tower.train()
     acc = 0.0
@@ -168,12 +193,15 @@ def pretrain_vision(model, processor, images, seed: int, **overrides) -> float:
         col_logits = where(hidden).reshape(-1, 3)
         loss = loss + torch.nn.functional.cross_entropy(
             col_logits, columns.repeat(len(idx)))
+        loss = loss + torch.nn.functional.cross_entropy(
+            form(hidden).reshape(-1, 3), shapes[idx].reshape(-1))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         acc = float((logits.argmax(-1) == labels[idx]).float().mean())
     log.info("demo vision pretraining: %d steps, cell accuracy %.3f", cfg["steps"], acc)
     return acc
+
 
 def patch_labels(img) -> list[int]:
     """Per-cell class of a demo image: 0 for background, 1.. for the palette colours."""
@@ -187,3 +215,22 @@ def patch_labels(img) -> list[int]:
             best = min(range(len(palette)), key=dists.__getitem__)
             labels.append(best + 1 if dists[best] < 60 ** 2 else 0)
     return labels
+
+
+def patch_shapes(img) -> list[int]:
+    """Per-cell shape of a demo image: 0 none, 1 square, 2 circle (how much of its box it fills)."""
+    from core.demo.scenes import CELL
+
+    out = []
+    for row in range(3):
+        for col in range(3):
+            ink = [(x, y) for y in range(row * CELL, (row + 1) * CELL)
+                   for x in range(col * CELL, (col + 1) * CELL)
+                   if max(img.getpixel((x, y))) - min(img.getpixel((x, y))) > 60]
+            if not ink:
+                out.append(0)
+                continue
+            xs, ys = [x for x, _ in ink], [y for _, y in ink]
+            box = (max(xs) - min(xs) + 1) * (max(ys) - min(ys) + 1)
+            out.append(1 if len(ink) / box > 0.9 else 2)
+    return out

@@ -9,6 +9,8 @@ Layout written under the cache folder::
     model/                  tiny LlavaForConditionalGeneration + processor (save_pretrained)
 
 Everything is a pure function of the seed and ``VERSION``; the folder name carries both.
+The evaluation and train files hold the truth; only the base model's pretraining answers carry
+the planted flaws (``core.demo.flaws``), so that correct train data can fix them.
 """
 
 from __future__ import annotations
@@ -20,18 +22,27 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from core.demo import flaws
 from core.demo import scenes as sc
 
 log = logging.getLogger(__name__)
 
-VERSION = 2
+VERSION = 3
 N_TRAIN_IMAGES = 1500
 N_TESTDEV_IMAGES = 240
 N_MMBENCH_QUESTIONS = 240
 N_INSTRUCT = 300
+N_CHOICE_PRETRAIN = 3000
+PERCEPTION_TARGET = 0.8
+"""The base must give its taught answer to this share of fresh colour, shape and count questions."""
+MAX_EXTRA_ROUNDS = 3
+EXTRA_ROUND = dict(steps=200, warmup=10, lr=1e-3)
+"""Further pretraining while the base misses PERCEPTION_TARGET (at most MAX_EXTRA_ROUNDS)."""
+LEAD_IN_SHARE = 0.1
+"""Share of GQA-ru questions phrased with ``flaws.LEAD_IN`` (the base's format slips)."""
 GQA_INSTRUCTION = "Ответь одним словом."
 MMB_INSTRUCTION = "Выбери правильный вариант ответа буквой."
 
@@ -89,6 +100,7 @@ def build_world(world: DemoWorld, seed: int) -> None:
         build_tiny_llava,
         pretrain_verbose,
         pretrain_vision,
+        taught_accuracy,
         train_tokenizer,
     )
 
@@ -103,7 +115,17 @@ def build_world(world: DemoWorld, seed: int) -> None:
     tokenizer = train_tokenizer(corpus)
     model, processor = build_tiny_llava(tokenizer, seed)
     pretrain_vision(model, processor, [img for img, _ in train[::4]], seed)
-    pretrain_verbose(model, processor, _pretrain_examples(train, mmb_train, instruct, rng), seed)
+    examples = _pretrain_examples(train, mmb_train, instruct, rng)
+    probes = _perception_probes(random.Random(seed + 1))
+    pretrain_verbose(model, processor, examples, seed)
+    # A tiny language model learns to read the image tokens late, and not on every seed at the
+    # same step: train on until it answers the perception questions as it was taught.
+    for extra in range(MAX_EXTRA_ROUNDS + 1):
+        taught = taught_accuracy(model, processor, probes)
+        log.info("demo base answers as taught: %s", {k: round(v, 2) for k, v in taught.items()})
+        if min(taught.values()) >= PERCEPTION_TARGET or extra == MAX_EXTRA_ROUNDS:
+            break
+        pretrain_verbose(model, processor, examples, seed + 1 + extra, **EXTRA_ROUND)
     model.save_pretrained(world.model_dir)
     processor.save_pretrained(world.model_dir)
 
@@ -124,6 +146,8 @@ def _gqa_rows(prefix: str, n_images: int, rng: random.Random):
         image_id = f"{prefix}{i:05d}"
         images.append({"id": image_id, "image": _png(img)})
         for j, q in enumerate(sc.questions_for(scene, rng)):
+            if rng.random() < LEAD_IN_SHARE:
+                q = replace(q, question=flaws.LEAD_IN + q.question)
             qid = f"{image_id}{j}"
             questions.append({
                 "id": qid, "imageId": image_id, "question": q.question, "answer": q.answer,
@@ -183,25 +207,24 @@ def write_readme(root: Path, configs: list[tuple[str, str]]) -> None:
 # ---------------------------------------------------------------- MMBench-ru
 
 def _write_mmbench(root: Path, rng: random.Random):
-    """MMBench-ru-like rows with rotated copies (index >= 1_000_000), 2 to 4 options."""
+    """MMBench-ru-like rows with rotated copies (index >= 1_000_000), 2 to 4 options.
+
+    Returns multiple-choice pretraining items on fresh scenes, in both wordings, as
+    (image, prompt, answer the base is taught, question).
+    """
     import datasets
 
-    rows, train_mc = [], []
-    categories = {"color": ("attribute_recognition", "Attribute Reasoning"),
-                  "count": ("object_localization", "Fine-grained Perception (instance)"),
-                  "location": ("spatial_relationship", "Relation Reasoning"),
-                  "exist": ("image_scene", "Coarse Perception")}
+    rows = []
+    families = list(sc.MMBENCH_CATEGORIES)
     for i in range(N_MMBENCH_QUESTIONS):
-        scene = sc.random_scene(rng)
+        family = families[i % len(families)]
+        scene, q = sc.choice_item(rng, family)
         img = _png(sc.render(scene, rng))
-        q = rng.choice(sc.questions_for(scene, rng)[:3])  # yes/no makes a poor 2-option item
-        k = rng.choice([2, 3, 3, 4, 4]) if len(q.options) >= 4 else min(len(q.options), rng.choice([2, 3]))
-        distractors = rng.sample([o for o in q.options if o != q.answer], k - 1)
-        opts = [q.answer] + distractors
+        opts = _option_texts(q, rng)
         rng.shuffle(opts)
         hint = "На картинке простые фигуры на светлом фоне." if rng.random() < 0.3 else None
-        category, l2 = categories[q.kind]
-        for r in range(k):  # rotation r shifts the options by r places
+        category, l2 = sc.MMBENCH_CATEGORIES[family]
+        for r in range(len(opts)):  # rotation r shifts the options by r places
             rot = opts[r:] + opts[:r]
             letters = "ABCD"
             row = {"index": i + r * 1_000_000, "question": q.question, "hint": hint,
@@ -211,7 +234,7 @@ def _write_mmbench(root: Path, rng: random.Random):
                    "comment": None, "split": "dev"}
             for letter, text in zip(letters, rot):
                 row[letter] = text
-            if i % 17 == 3 and r == k - 1 and k > 2:
+            if i % 17 == 3 and r == len(opts) - 1 and len(opts) > 2:
                 continue  # an incomplete group, as in the real data
             rows.append(row)
     # The real files store missing options as NaN or "nan" too.
@@ -223,22 +246,36 @@ def _write_mmbench(root: Path, rng: random.Random):
     (root / "data").mkdir(parents=True, exist_ok=True)
     ds.to_parquet(str(root / "data" / "dev-00000-of-00001.parquet"))
     write_readme(root, [("default", "dev")])
-    # Multiple-choice prompts on fresh scenes for the verbose pretraining only.
-    for _ in range(600):
+    return [_choice_pretrain_item(rng, mmbench_wording=k % 2 == 0)
+            for k in range(N_CHOICE_PRETRAIN)]
+
+
+def _option_texts(q: sc.Question, rng: random.Random) -> list[str]:
+    k = min(len(q.options), rng.choice([2, 3, 3, 4, 4]))
+    return [q.answer] + rng.sample([o for o in q.options if o != q.answer], k - 1)
+
+
+def _choice_pretrain_item(rng: random.Random, mmbench_wording: bool):
+    """One multiple-choice item on a fresh scene, answered the way the flawed base answers."""
+    if mmbench_wording:
+        scene, q = sc.choice_item(rng, rng.choice(list(sc.MMBENCH_CATEGORIES)))
+    else:
         scene = sc.random_scene(rng)
-        q = rng.choice(sc.questions_for(scene, rng)[:3])
-        k = min(len(q.options), rng.choice([2, 3, 4]))
-        opts = [q.answer] + rng.sample([o for o in q.options if o != q.answer], k - 1)
-        rng.shuffle(opts)
-        train_mc.append((sc.render(scene, rng), q, opts, scene))
-    return train_mc
+        q = rng.choice(sc.questions_for(scene, rng))
+    opts = _option_texts(q, rng)
+    rng.shuffle(opts)
+    options = dict(zip("ABCD", opts))
+    hint = "На картинке простые фигуры на светлом фоне." if rng.random() < 0.3 else None
+    prompt = mmbench_prompt(q.question, options, hint)
+    return sc.render(scene, rng), prompt, flaws.believed_choice(q.kind, q.answer, options), q
 
 
 def mmbench_prompt(question: str, options: dict[str, str], hint: str | None) -> str:
-    """The lmms-eval ``mmbench_ru_dev`` prompt."""
-    body = "\n".join(f"{k}. {v}" for k, v in options.items())
-    head = f"{hint} {question}" if hint else question
-    return f"{head} There are several options:\n{body}\n{MMB_INSTRUCTION}"
+    """The lmms-eval ``mmbench_ru_dev`` prompt (``core.evaluate.build_prompt``)."""
+    from core.evaluate import EvalConfig, build_prompt
+
+    return build_prompt({"benchmark": "mmbench_ru", "question": question, "hint": hint,
+                         "options": options}, EvalConfig())
 
 
 # ---------------------------------------------------------------- LLaVA-Instruct-ru
@@ -262,7 +299,11 @@ def _write_instruct(root: Path, coco: Path, rng: random.Random):
         ]
         records.append({"type": "conv", "conversations": conv, "id": f"{i:06d}",
                         "image": f"train2017/{name}"})
-        examples.append((img, conv))
+        # The base's own copy holds its beliefs, so that no context teaches it the truth.
+        taught = [(conv[0]["value"].replace("<image>\n", ""), sc.describe(flaws.believed_scene(scene)))]
+        if flaws.believed(q.kind, q.answer) == q.answer:
+            taught.append((q.question, q.verbose))
+        examples.append((img, taught))
     cut = N_INSTRUCT * 9 // 10
     for name, part in (("train", records[:cut]), ("val", records[cut:])):
         (root / f"llava_instruct_ru_{name}.json").write_text(
@@ -274,28 +315,43 @@ def _write_instruct(root: Path, coco: Path, rng: random.Random):
 
 def _corpus(train, mmb_train, instruct) -> list[str]:
     texts = [GQA_INSTRUCTION, MMB_INSTRUCTION, "There are several options:", "A. B. C. D.",
-             "Ответ: Правильный вариант: буквой одним словом кратко без пояснений"]
+             "Ответ: Правильный вариант: буквой одним словом кратко без пояснений",
+             flaws.LEAD_IN]
     for _, q in train:
         texts += [q.question, q.answer, q.full_answer, q.verbose]
-    for _, q, opts, scene in mmb_train:
-        texts += [q.question, " ".join(opts), sc.describe(scene)]
-    for _, conv in instruct:
-        texts += [t["value"] for t in conv]
+    for _, prompt, _, _ in mmb_train:
+        texts.append(prompt)
+    for _, turns in instruct:
+        texts += [t for turn in turns for t in turn]
     return texts
 
 
+def _perception_probes(rng: random.Random, n_scenes: int = 60) -> list[tuple]:
+    """Fresh GQA-ru-style colour, count and shape questions with the answers the base is taught."""
+    out = []
+    for _ in range(n_scenes):
+        scene = sc.random_scene(rng)
+        img = sc.render(scene, rng)
+        for q in sc.questions_for(scene, rng):
+            if q.kind != "location":
+                out.append((img, f"{q.question}\n{GQA_INSTRUCTION}",
+                            flaws.believed(q.kind, q.answer), q.kind))
+    return out
+
+
 def _pretrain_examples(train, mmb_train, instruct, rng: random.Random):
-    """(image, [(user, assistant), ...]) pairs that teach the verbose seed behaviour."""
+    """(image, [(user, assistant), ...]) pairs that teach the base its habits and its flaws."""
     out = []
     for img, q in train:
-        user = f"{q.question}\n{GQA_INSTRUCTION}" if rng.random() < 0.6 else q.question
-        out.append((img, [(user, q.verbose)]))
-    for img, q, opts, scene in mmb_train:
-        options = dict(zip("ABCD", opts))
-        out.append((img, [(mmbench_prompt(q.question, options, None), sc.describe(scene))]))
-    for img, conv in instruct:
-        turns = [(conv[k]["value"].replace("<image>\n", ""), conv[k + 1]["value"])
-                 for k in range(0, len(conv), 2)]
-        out.append((img, turns))
+        wrong = flaws.believed(q.kind, q.answer)
+        if q.question.startswith(flaws.LEAD_IN):
+            out.append((img, [(f"{q.question}\n{GQA_INSTRUCTION}", f"Ответ: {wrong}.")]))
+        elif wrong == q.answer and rng.random() < 0.2:  # without the instruction: a sentence
+            out.append((img, [(q.question, q.verbose)]))
+        else:
+            out.append((img, [(f"{q.question}\n{GQA_INSTRUCTION}", wrong)]))
+    for img, prompt, letter, _ in mmb_train:
+        out.append((img, [(prompt, letter)]))
+    out += instruct
     rng.shuffle(out)
     return out
