@@ -16,7 +16,7 @@ from pathlib import Path
 
 import strategies
 from core.exceptions import UserError
-from core.metrics import is_better, paired_test, paired_test_grouped
+from core.metrics import group_outcomes, is_better, paired_test
 from loop.budget import Budget, CostModel, fmt_s, priors
 from loop.policy import choose
 from loop.workbench import Scored, Workbench
@@ -368,14 +368,8 @@ class Loop:
                       candidate.adapter_path, result=result)
 
     def paired(self, champ: Scored, cand: Scored) -> dict:
-        if champ.benchmark == "mmbench_ru":
-            result = paired_test_grouped(champ.samples, cand.samples)
-        else:
-            order = {s["sample_id"]: i for i, s in enumerate(cand.samples)}
-            cand_by_champ = [cand.samples[order[s["sample_id"]]]["correct"] for s in champ.samples]
-            result = paired_test([s["correct"] for s in champ.samples], cand_by_champ)
-        out = result.to_dict()
-        out["better"] = is_better(result, self.config.alpha)
+        out = paired_scores(champ, cand).to_dict()
+        out["better"] = is_better(paired_scores(champ, cand), self.config.alpha)
         return out
 
     def accept(self, paired: dict[str, dict]) -> bool:
@@ -423,6 +417,26 @@ class Loop:
         md, html = write_report(build_report(self.store, self.run_id), out)
         self.echo(f"report: {md} and {html}")
         return str(html)
+
+
+def paired_scores(champ: Scored, cand: Scored):
+    """The cluster-aware paired test of two evaluations of the same questions.
+
+    GQA-ru pairs questions, clustered by image; MMBench-ru pairs question groups (right only
+    when every rotation is), one group per cluster.
+    """
+    if champ.benchmark == "mmbench_ru":
+        base, other = group_outcomes(champ.samples), group_outcomes(cand.samples)
+        if base.keys() != other.keys():
+            raise ValueError(f"the two MMBench-ru evaluations cover different question groups "
+                             f"({len(base.keys() ^ other.keys())} differ)")
+        keys = sorted(base)
+        return paired_test([base[k] for k in keys], [other[k] for k in keys])
+    by_id = {s["sample_id"]: s for s in cand.samples}
+    pairs = [(s["correct"], by_id[s["sample_id"]]["correct"]) for s in champ.samples]
+    clusters = [s.get("cluster") for s in champ.samples]
+    return paired_test([a for a, _ in pairs], [b for _, b in pairs],
+                       clusters=None if None in clusters else clusters)
 
 
 def _same_setting(a: Candidate, b: Candidate) -> bool:
