@@ -333,10 +333,10 @@ def test_prompt_constraints_golden_prompts():
     assert build_prompt(gqa, EvalConfig(**gqa_variants()[0].changes)) == (
         "Какого цвета фигура слева?\nОтветь одним словом, без пояснений.")
     assert build_prompt(mmb, EvalConfig(**mmbench_variants()[0].changes)) == (
-        "Какого цвета фигура? Варианты ответа:\nA. синий\nB. красный\n"
+        "Какого цвета фигура? Варианты ответа:\nA. синий\nB. красный\n\n"
         "Ответь только буквой варианта (A, B, C или D).")
     assert build_prompt(mmb, EvalConfig(**mmbench_variants()[3].changes)) == (
-        "Какого цвета фигура? Варианты ответа:\nA. синий\nB. красный\n"
+        "Какого цвета фигура? Варианты ответа:\nA. синий\nB. красный\n\n"
         "Выбери правильный вариант ответа буквой.")
 
 
