@@ -21,6 +21,10 @@ def add_parser(sub) -> None:
                    help="continue the latest unfinished run in the database")
     p.add_argument("--reserve", type=float, default=0.2, metavar="FRACTION",
                    help="share of the budget kept for the final evaluation (default 0.2)")
+    p.add_argument("--objective", choices=("benchmark", "deployment"), default="benchmark",
+                   help="what the loop optimises: benchmark (default; the exact lmms-eval "
+                   "protocol, so only adapters can win) or deployment (prompt and decoding "
+                   "settings are part of the candidate)")
     p.add_argument("--max-cycles", type=int, metavar="N", help="stop after N cycles")
     p.add_argument("--dev-size", type=int, metavar="N",
                    help="dev questions per benchmark per evaluation (default: from the cost model)")
@@ -56,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
                        seed=args.seed, reserve_fraction=args.reserve, max_cycles=args.max_cycles,
                        dev_size=args.dev_size, final_size=args.final_size,
                        batch_size=args.batch_size, workdir=args.workdir, strategies=names,
+                       objective=args.objective,
                        progress=not args.quiet)
     store = Store(args.db)
     try:
