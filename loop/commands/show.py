@@ -181,13 +181,20 @@ def render(view: dict[str, Any]) -> str:
     if view["adapter_id"] is not None:
         lines.append(f"adapter: {view['adapter_id']}")
     lines.append(f"duration: {format_duration(view['duration_s'])}")
+    decision = next((t.get("decision") for t in view["paired"].values()
+                     if isinstance(t, dict) and t.get("decision")), None)
+    if decision:
+        lines.append(f"rule: {decision}")
     benches = benchmarks_of([view["dev"], view["paired"]])
     if benches:
         rows = []
         for bench in benches:
             test = dict(view["paired"].get(bench) or {})
             p_value = test.pop("p_value", None)
-            details = ", ".join(f"{k}={_short(v, 40)}" for k, v in test.items())
+            # the cycle-level decision is printed above; the reason already has p, α_k, diff
+            details = test.get("reason") or ", ".join(
+                f"{k}={_short(v, 40)}" for k, v in test.items()
+                if k not in ("decision", "setting_only"))
             rows.append([bench, format_pct(view["dev"].get(bench), view["dev_ci"].get(bench)),
                          format_p(p_value), details])
         lines += ["", "dev accuracy [95% interval] and the paired test against the champion:",
