@@ -4,7 +4,8 @@ GQA-ru: lmms-eval's ``gqa-ru`` prompt, greedy, ``max_new_tokens=16``, exact matc
 lowercasing and deleting ASCII punctuation (``accuracy``: comparable to the published 51.44),
 plus a Russian-aware exact match (``accuracy_normalized``).
 
-MMBench-ru: lmms-eval's ``mmbench_ru_dev`` prompt, greedy, the letter extracted by rules
+MMBench-ru: lmms-eval's ``mmbench_ru_dev`` prompt (a blank line before the instruction),
+greedy, up to 1024 new tokens, cut at "ASSISTANT:", the letter extracted by rules
 (never a judge); circular accuracy over the rotated copies is the headline (comparable to
 56.65), per-row and per-category accuracy beside it. Unparseable answers are wrong (lmms-eval
 draws a random letter there). A second protocol, ``likelihood``, ranks the option *texts* by the
@@ -36,6 +37,10 @@ GQA_INSTRUCTION = "Ответь одним словом."
 MMB_OPTION_HEADER = " There are several options:"
 MMB_INSTRUCTION = "Выбери правильный вариант ответа буквой."
 MODES = ("generate", "likelihood")
+LMMS_MAX_NEW_TOKENS = {"gqa_ru": 16, "mmbench_ru": 1024}
+"""lmms-eval's ``generation_kwargs.max_new_tokens`` of ``gqa-ru`` and ``mmbench_ru_dev``."""
+LMMS_STOP = {"gqa_ru": [], "mmbench_ru": ["ASSISTANT:"]}
+"""lmms-eval's ``generation_kwargs.until`` (generation also stops on ``<|eot_id|>``)."""
 
 
 @dataclass
@@ -47,11 +52,11 @@ class EvalConfig:
     option_header: str = MMB_OPTION_HEADER
     """MMBench-ru: the text between the question and the options (lmms-eval's is English)."""
     max_new_tokens: int | None = None
-    """None: 16 for GQA-ru (lmms-eval), 64 for MMBench-ru (enough for a letter and a reason)."""
+    """None: lmms-eval's, 16 for GQA-ru and 1024 for MMBench-ru."""
     num_beams: int = 1
     repetition_penalty: float = 1.0
     stop_strings: list[str] = field(default_factory=list)
-    """Cut the answer at the first of these strings (e.g. "\\n", ".")."""
+    """Cut the answer at the first of these strings (e.g. "\\n", "."), besides lmms-eval's own."""
     mode: str = "generate"
     """generate | likelihood (MMBench-ru only: rank option texts, no generation)."""
 
@@ -71,29 +76,49 @@ class EvalConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def is_lmms(self, benchmark: str) -> bool:
+        """Whether this is the exact lmms-eval protocol of ``benchmark``: its prompt, greedy
+        decoding, its token limit and stop strings, generated answers scored by rules."""
+        return (self.mode == "generate" and self.instruction is None and self.num_beams == 1
+                and self.repetition_penalty == 1.0 and not self.stop_strings
+                and self.max_new_tokens in (None, LMMS_MAX_NEW_TOKENS[benchmark])
+                and (benchmark == "gqa_ru" or self.option_header == MMB_OPTION_HEADER))
+
     def protocol(self, benchmark: str) -> str:
         """A short name of the scoring protocol, shown next to every number."""
         if benchmark == "mmbench_ru" and self.mode == "likelihood":
-            return "mmbench-ru option-text likelihood (circular by construction)"
-        lmms = (self.instruction is None and self.num_beams == 1 and self.repetition_penalty == 1.0
-                and not self.stop_strings and self.max_new_tokens in (None, _default_max(benchmark))
-                and self.option_header == MMB_OPTION_HEADER)
+            return "mmbench-ru option-text likelihood (its own protocol, not lmms-eval's)"
         name = "gqa-ru exact match" if benchmark == "gqa_ru" else "mmbench-ru circular, rule-parsed letter"
+        lmms = self.is_lmms(benchmark)
         return f"{name} ({'lmms-eval prompt and decoding' if lmms else 'changed prompt/decoding'})"
 
 
+def lmms_config() -> EvalConfig:
+    """The exact lmms-eval protocol (the same for both benchmarks): every default."""
+    return EvalConfig()
+
+
 def _default_max(benchmark: str) -> int:
-    return 16 if benchmark == "gqa_ru" else 64
+    return LMMS_MAX_NEW_TOKENS[benchmark]
 
 
 def build_prompt(example: dict, config: EvalConfig) -> str:
-    """The user text for one example (the chat template and image part are added by the VLM)."""
+    """The user text for one example (the chat template and image part are added by the VLM).
+
+    With the default config this is lmms-eval's text byte for byte: GQA-ru
+    ``f"{question}{post_prompt}"`` with post_prompt "\\nОтветь одним словом."; MMBench-ru
+    ``f"{hint} {question} {options}"`` (no hint when it is missing or "nan"), then "\\n" and
+    the post_prompt "\\nВыбери правильный вариант ответа буквой.", so a blank line precedes
+    the instruction. A changed ``instruction`` takes the post_prompt's place.
+    """
     if example["benchmark"] == "gqa_ru":
         return f"{example['question']}\n{config.instruction or GQA_INSTRUCTION}"
-    head = f"{example['hint']} {example['question']}" if example.get("hint") else example["question"]
+    hint = example.get("hint")
+    has_hint = hint is not None and str(hint) != "nan"
+    head = f"{hint} {example['question']}" if has_hint else example["question"]
     if config.mode == "likelihood":
         return f"{head}\n{config.instruction or GQA_INSTRUCTION}"
-    options = "\n".join(f"{k}. {v}" for k, v in example["options"].items())
+    options = "\n".join(f"{k}. {v}" for k, v in sorted(example["options"].items()))
     return f"{head}{config.option_header}\n{options}\n\n{config.instruction or MMB_INSTRUCTION}"
 
 
@@ -142,6 +167,7 @@ def evaluate(vlm, examples: list[dict], config: EvalConfig | None = None, *,
     if config.mode == "likelihood" and benchmark != "mmbench_ru":
         raise ValueError("mode='likelihood' is a MMBench-ru protocol; GQA-ru answers are open")
     max_new = config.max_new_tokens or _default_max(benchmark)
+    stops = LMMS_STOP[benchmark] + [s for s in config.stop_strings if s not in LMMS_STOP[benchmark]]
     prompts = [build_prompt(ex, config) for ex in examples]
     if prefix_cache:
         order = sorted(range(len(examples)), key=lambda i: (image_group(examples[i]), len(prompts[i])))
@@ -170,7 +196,7 @@ def evaluate(vlm, examples: list[dict], config: EvalConfig | None = None, *,
             outputs = vlm.generate([prompts[i] for i in idx], images, max_new_tokens=max_new,
                                    num_beams=config.num_beams,
                                    repetition_penalty=config.repetition_penalty,
-                                   stop_strings=config.stop_strings or None,
+                                   stop_strings=stops or None,
                                    prefix_cache=prefix_cache)
             letters = [None] * len(idx)
         per = (time.perf_counter() - tb) / len(idx)
@@ -206,12 +232,14 @@ def _score(example: dict, prompt: str, output: str, letter: str | None, image_ok
         parsed = output
         correct = gqa_match(output, example["answer"], mode="lmms")
         extra = {"correct_normalized": gqa_match(output, example["answer"], mode="normalized"),
-                 "category": (example.get("types") or {}).get("detailed")}
+                 "category": (example.get("types") or {}).get("detailed"),
+                 "cluster": example.get("imageId")}
     else:
         parsed = letter or extract_choice(output, example["options"])
         correct = parsed == example["answer"]
         extra = {"index": int(example["index"]), "n_options": len(example["options"]),
-                 "category": example.get("category")}
+                 "category": example.get("category"),
+                 "cluster": int(example["index"]) % ROTATION_BASE}
     prediction = output if letter is None else letter
     labels = sorted(classify(example["benchmark"], _public(example), prediction,
                              image_ok=image_ok)) if not correct else []
@@ -226,12 +254,20 @@ def _public(example: dict) -> dict:
 
 
 def summarize(benchmark: str, samples: list[dict]) -> dict:
-    """Headline ``accuracy`` with n and a 95% Wilson interval, plus the breakdowns."""
+    """Headline ``accuracy`` with n and a 95% interval, plus the breakdowns.
+
+    GQA-ru's interval is a cluster bootstrap over images (questions about one image are not
+    independent); MMBench-ru's circular accuracy already counts one outcome per question
+    group, with a Wilson interval.
+    """
     n_missing = sum(not s["image_ok"] for s in samples)
     if benchmark == "gqa_ru":
-        head = accuracy([s["correct"] for s in samples])
-        norm = accuracy([s["correct_normalized"] for s in samples])
-        return {"accuracy": head.value, "n": head.n, "ci": [head.low, head.high],
+        clusters = [s.get("cluster") for s in samples]
+        clusters = None if None in clusters else clusters
+        head = accuracy([s["correct"] for s in samples], clusters)
+        norm = accuracy([s["correct_normalized"] for s in samples], clusters)
+        n_images = len(set(clusters)) if clusters else None
+        return {"accuracy": head.value, "n": head.n, "n_clusters": n_images, "ci": [head.low, head.high],
                 "accuracy_normalized": norm.value, "ci_normalized": [norm.low, norm.high],
                 "per_category": _per_category(samples), "images_missing": n_missing}
     circ = circular_accuracy(samples)

@@ -16,6 +16,15 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from core.stats import (  # noqa: F401  (re-exported: one place to import scoring from)
+    PairedResult,
+    cluster_bootstrap,
+    comparison_alpha,
+    is_better,
+    mcnemar_exact,
+    paired_test,
+)
+
 GQA_MODES = ("lmms", "normalized")
 ROTATION_BASE = 1_000_000
 """MMBench rows with `index >= ROTATION_BASE` are rotated copies of `index % ROTATION_BASE`."""
@@ -23,7 +32,7 @@ ROTATION_BASE = 1_000_000
 _ASCII_PUNCT_TABLE = str.maketrans("", "", string.punctuation)
 _COMBINING_ACUTE = "\u0301"
 _LOOKALIKES = {"А": "A", "В": "B", "С": "C"}
-_LETTER_RE = re.compile(r"[A-DАВС]")
+_LETTER_RE = re.compile(r"[A-Da-dАВС]")
 _ANY_LETTER_RE = re.compile(r"[^\W\d_]")
 _LATIN_LOWER_RE = re.compile(r"[a-z]")
 _MARKER_TAIL = r"(?:\s+is|\s+это|\s*[:\-–—=])?)\s*[*(\[«\"']*\s*$"
@@ -95,9 +104,10 @@ def _standalone_letter(text: str, pos: int) -> bool:
     gap = rest[: len(rest) - len(after_space)]
     # A word after a space on the same line continues the sentence; a line break does not.
     next_word_starts = bool(gap) and "\n" not in gap and bool(_ANY_LETTER_RE.match(after_space))
-    if char in _LOOKALIKES:
-        # Cyrillic А/В/С are also words ("В центре", "А также", "С краю"): count them only
-        # when nothing word-like follows on the same footing.
+    if char in _LOOKALIKES or char.islower():
+        # Cyrillic А/В/С are also words ("В центре", "А также", "С краю"), and a lowercase
+        # Latin "a" is an article: count them only when nothing word-like follows on the
+        # same footing.
         if not rest:
             return True
         if rest[0] in ".):":
@@ -108,21 +118,22 @@ def _standalone_letter(text: str, pos: int) -> bool:
 
 
 def _letters(output: str, valid: set[str]) -> tuple[set[str], set[str], set[str]]:
-    """Option letters in `output`: after "Ответ:", after "Вариант", and anywhere."""
+    """Option letters in `output`: after "Ответ:", after "Вариант", and without a marker."""
     strong: set[str] = set()
     weak: set[str] = set()
-    found: set[str] = set()
+    bare: set[str] = set()
     for match in _LETTER_RE.finditer(output):
-        letter = _LOOKALIKES.get(match.group(), match.group())
+        letter = _LOOKALIKES.get(match.group(), match.group()).upper()
         if letter not in valid or not _standalone_letter(output, match.start()):
             continue
-        found.add(letter)
         before = output[: match.start()]
         if _STRONG_MARKER_RE.search(before):
             strong.add(letter)
         elif _WEAK_MARKER_RE.search(before):
             weak.add(letter)
-    return strong, weak, found
+        else:
+            bare.add(letter)
+    return strong, weak, bare
 
 
 def _option_by_text(output: str, options: Mapping[str, str]) -> str | None:
@@ -155,10 +166,11 @@ def _option_by_text(output: str, options: Mapping[str, str]) -> str | None:
 def extract_choice(output: str, options: Mapping[str, str]) -> str | None:
     """The option letter a free-form answer picks, by rules only.
 
-    Letters count when they stand alone (`B`, `B.`, `B)`, `(B)`, `**B**`, `Ответ: B`);
-    Cyrillic А/В/С count as A/B/C unless they read as a word (`В центре ...`). A letter
-    after "Ответ:" / "Правильный вариант" wins over one after "Вариант", which wins over
-    a bare letter.
+    Letters count when they stand alone (`B`, `b`, `B.`, `B)`, `(B)`, `**B**`, `Ответ: B`);
+    Cyrillic А/В/С count as A/B/C unless they read as a word (`В центре ...`); lowercase
+    Cyrillic а/в are always words. A letter after "Ответ:" / "Правильный вариант" wins over
+    one after "Вариант", which wins over a bare letter; a bare letter different from the
+    marked one ("ответ B, но возможно C") makes the answer ambiguous.
     Without a letter, the unique option text found as a whole phrase decides.
 
     Args:
@@ -168,9 +180,11 @@ def extract_choice(output: str, options: Mapping[str, str]) -> str | None:
     Returns:
         The chosen letter, or None when there is none or the answer is ambiguous.
     """
-    for letters in _letters(output, set(options)):
+    strong, weak, bare = _letters(output, set(options))
+    for letters in (strong, weak, bare):
         if letters:
-            return next(iter(letters)) if len(letters) == 1 else None
+            chosen = letters | bare
+            return next(iter(letters)) if len(chosen) == 1 else None
     return _option_by_text(output, options)
 
 
@@ -267,113 +281,23 @@ class Accuracy:
         return asdict(self)
 
 
-def accuracy(correct: Sequence[bool]) -> Accuracy:
-    """Accuracy of a list of per-item outcomes with a Wilson 95% interval."""
+def accuracy(correct: Sequence[bool], clusters: Sequence | None = None, *,
+             seed: int = 0) -> Accuracy:
+    """Accuracy of per-item outcomes with a 95% interval.
+
+    Without ``clusters`` the interval is Wilson's; with them (one key per item, e.g. the
+    GQA-ru imageId) it is a cluster bootstrap over those units, which is wider when questions
+    about one image succeed or fail together.
+    """
     n = len(correct)
     k = sum(bool(c) for c in correct)
-    low, high = wilson_interval(k, n)
+    if clusters is not None and n:
+        low, high = cluster_bootstrap([float(bool(c)) for c in correct], clusters, seed=seed)
+    else:
+        low, high = wilson_interval(k, n)
     return Accuracy(value=k / n if n else 0.0, n=n, low=low, high=high)
 
 
-@dataclass(frozen=True)
-class PairedResult:
-    """Baseline against candidate on the same items."""
-
-    n: int
-    """Number of paired items."""
-    baseline_acc: float
-    candidate_acc: float
-    diff: float
-    """candidate_acc - baseline_acc."""
-    diff_low: float
-    """Lower end of the paired bootstrap 95% interval of `diff`."""
-    diff_high: float
-    """Upper end of the paired bootstrap 95% interval of `diff`."""
-    b_only: int
-    """Items the baseline got right and the candidate wrong."""
-    c_only: int
-    """Items the candidate got right and the baseline wrong."""
-    p_value: float
-    """Exact two-sided McNemar p-value; 1.0 without discordant pairs."""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def mcnemar_exact(b_only: int, c_only: int) -> float:
-    """Exact two-sided McNemar p-value: a binomial test on the discordant pairs."""
-    m = b_only + c_only
-    if m == 0:
-        return 1.0
-    term = tail = 1  # math.comb(m, i), built up term by term
-    for i in range(1, min(b_only, c_only) + 1):
-        term = term * (m - i + 1) // i
-        tail += term
-    return min(1.0, 2 * tail / 2**m)
-
-
-def paired_test(
-    baseline: Sequence[bool], candidate: Sequence[bool], *, n_boot: int = 2000, seed: int = 0
-) -> PairedResult:
-    """Paired comparison of two systems scored on the same items, in the same order.
-
-    Raises:
-        ValueError: If the two lists differ in length.
-    """
-    if len(baseline) != len(candidate):
-        raise ValueError(
-            f"`baseline` and `candidate` must score the same items, but got {len(baseline)} "
-            f"and {len(candidate)} outcomes. Evaluate both on the same questions."
-        )
-    n = len(baseline)
-    b = np.asarray(baseline, dtype=bool)
-    c = np.asarray(candidate, dtype=bool)
-    b_only = int(np.sum(b & ~c))
-    c_only = int(np.sum(c & ~b))
-    low, high = bootstrap_interval(c.astype(float) - b.astype(float), n_boot=n_boot, seed=seed)
-    base_acc = float(b.mean()) if n else 0.0
-    cand_acc = float(c.mean()) if n else 0.0
-    return PairedResult(
-        n=n,
-        baseline_acc=base_acc,
-        candidate_acc=cand_acc,
-        diff=cand_acc - base_acc,
-        diff_low=low,
-        diff_high=high,
-        b_only=b_only,
-        c_only=c_only,
-        p_value=mcnemar_exact(b_only, c_only),
-    )
-
-
-def _group_correct(rows: Iterable[Mapping]) -> dict[int, bool]:
+def group_outcomes(rows: Iterable[Mapping]) -> dict[int, bool]:
+    """MMBench circular outcome per question group: right only if all its rotations are."""
     return {key: all(r["correct"] for r in members) for key, members in _groups(rows).items()}
-
-
-def paired_test_grouped(
-    baseline_rows: Sequence[Mapping],
-    candidate_rows: Sequence[Mapping],
-    *,
-    n_boot: int = 2000,
-    seed: int = 0,
-) -> PairedResult:
-    """`paired_test` on circular groups: a group is right only if all its rows are.
-
-    Raises:
-        ValueError: If the two sides do not cover the same groups.
-    """
-    base = _group_correct(baseline_rows)
-    cand = _group_correct(candidate_rows)
-    if base.keys() != cand.keys():
-        only = sorted(base.keys() ^ cand.keys())
-        raise ValueError(
-            f"`baseline_rows` and `candidate_rows` must cover the same question groups, but "
-            f"{len(only)} differ (e.g. {only[:5]}). Evaluate both on the same questions."
-        )
-    keys = sorted(base)
-    return paired_test([base[k] for k in keys], [cand[k] for k in keys], n_boot=n_boot, seed=seed)
-
-
-def is_better(result: PairedResult, alpha: float = 0.05) -> bool:
-    """Whether the candidate beats the baseline: a positive difference with p < alpha."""
-    return result.diff > 0 and result.p_value < alpha

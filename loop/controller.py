@@ -16,9 +16,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import strategies
+from core.evaluate import EvalConfig
 from core.exceptions import UserError
-from core.metrics import is_better, paired_test, paired_test_grouped
 from loop.budget import Budget, CostModel, fmt_s, priors
+from loop.decision import OBJECTIVES, comparisons_made, judge, paired_scores
 from loop.policy import Choice, choose
 from loop.workbench import Scored, Workbench
 from strategies.base import (
@@ -51,7 +52,11 @@ class RunConfig:
     reserve_fraction: float = 0.2
     """Share of the budget kept from the start for the final evaluation and the report."""
     alpha: float = 0.05
-    """Significance level of the paired tests that accept a candidate."""
+    """Family-wise significance level of the run: the k-th paired test on dev is run at
+    alpha·6/(π²k²) (``loop.decision``)."""
+    objective: str = "benchmark"
+    """benchmark: judge candidates by the exact lmms-eval protocol, so only adapters can win;
+    deployment: prompt and decoding settings are part of the candidate."""
     max_cycles: int | None = None
     dev_size: int | None = None
     """Dev questions per benchmark per evaluation; None lets the cost model pick."""
@@ -75,6 +80,9 @@ class RunConfig:
             problems.append(f"reserve_fraction must be in [0, 0.9), got {self.reserve_fraction}")
         if not 0 < self.alpha < 0.5:
             problems.append(f"alpha must be in (0, 0.5), got {self.alpha}")
+        if self.objective not in OBJECTIVES:
+            problems.append(f"objective must be one of {', '.join(OBJECTIVES)}, "
+                            f"got '{self.objective}'")
         unknown = [s for s in self.strategies if s not in strategies.REGISTRY]
         if unknown:
             problems.append(f"unknown strategies {unknown}; valid: {strategies.names()}")
@@ -211,9 +219,8 @@ class Loop:
     def replay(self, champion: Candidate, scores: dict[str, Scored]):
         """Rebuild the champion and the history from the cycles already recorded (resume)."""
         for c in self.store.cycles(self.run_id):
-            self.history.append({"index": c["index"], "strategy": c["strategy"],
-                                 "status": c["status"], "gain": _gain(c.get("paired") or {}),
-                                 "candidate": c.get("candidate")})
+            self.history.append(_history_entry(c["index"], c["strategy"], c["status"],
+                                               c.get("candidate"), c.get("paired") or {}))
             if c["status"] == "accepted":
                 champion = Candidate.from_dict(c["candidate"])
                 scores = {b: self.bench.load_scored(i) for b, i in c["eval_ids"].items()}
@@ -245,7 +252,8 @@ class Loop:
             except Exception as exc:  # a broken remedy is left out, the run goes on
                 log.warning("%s cannot estimate its cost, leaving it out: %s", name, exc)
                 self.blocked.add(name)
-        choice = choose(profiles, self.history, costs, time_left, self.exhausted | self.blocked)
+        choice = choose(profiles, self.history, costs, time_left, self.exhausted | self.blocked,
+                        objective=cfg.objective)
         if choice is None:
             self.echo(f"no strategy fits in the {fmt_s(time_left)} left "
                       "before the reserve; going to the final evaluation")
@@ -268,10 +276,16 @@ class Loop:
         try:
             candidate = strategies.get(choice.strategy).propose(ctx)
             candidate.adapter_id = self._adapter_id(candidate.adapter_path, champion)
+            setting_only = candidate.adapter_path == champion.adapter_path
+            if self.config.objective == "benchmark" and not setting_only:
+                # An adapter is judged by the exact lmms-eval protocol, whatever settings it
+                # came with.
+                candidate.eval_configs = {b: EvalConfig() for b in BENCHMARKS}
             results = {b: self.score_candidate(candidate, champion, scores, b, index)
                        for b in BENCHMARKS}
-            paired = {b: self.paired(scores[b], results[b]) for b in BENCHMARKS}
-            status = "accepted" if self.accept(paired) else "rejected"
+            status, paired = judge(scores, results, alpha=self.config.alpha,
+                                   k_done=comparisons_made(self.history),
+                                   setting_only=setting_only, objective=self.config.objective)
         except Exhausted as exc:
             self.exhausted.add(choice.strategy)
             self.store.fail_step(self.run_id, key, f"exhausted: {exc}")
@@ -303,14 +317,23 @@ class Loop:
     def final(self, champion: Candidate) -> None:
         """Base and champion on the held-out final split, once; nothing here feeds a decision.
 
-        The final subsets are sized to the time left at the measured rates (nested subsets,
-        so a smaller n is part of a larger one), decided once and stored with the first step.
+        ``final`` is always the champion's adapter under the exact lmms-eval protocol, beside
+        the base model under the same; settings the champion carries are measured as well,
+        as ``final_deployed``, and never compared with the baseline. The final subsets are
+        sized to the time left (nested subsets, so a smaller n is part of a larger one),
+        decided once and stored with the first step.
         """
         base = base_candidate()
-        same = _same_setting(base, champion)
-        sizes = self.final_sizes(same)
+        adapter = Candidate(strategy=champion.strategy, description=champion.description,
+                            eval_configs=base.eval_configs, adapter_path=champion.adapter_path,
+                            adapter_id=champion.adapter_id, train=champion.train)
+        roles = {"final_baseline": base, "final_champion": adapter}
+        if not _same_setting(adapter, champion):
+            roles["final_deployed"] = champion
+        same = _same_setting(base, adapter)
+        sizes = self.final_sizes(runs=len(roles) - int(same))
         results: dict[str, dict[str, Scored]] = {}
-        for role, cand in (("final_baseline", base), ("final_champion", champion)):
+        for role, cand in roles.items():
             key = role.replace("_", "-")
             done = self.store.step(self.run_id, key)
             if done is None:
@@ -332,21 +355,30 @@ class Loop:
                 for s in results[role].values():
                     s.result = _as_result(self.bench, s)
         base_s, champ_s = results["final_baseline"], results["final_champion"]
+        deployed = results.get("final_deployed")
         self.store.update_run(
             self.run_id, baseline={b: s.metrics["accuracy"] for b, s in base_s.items()},
             final={b: s.metrics["accuracy"] for b, s in champ_s.items()},
-            final_n={b: s.metrics["n"] for b, s in champ_s.items()})
-        self.echo("final split: " + "; ".join(
+            final_n={b: s.metrics["n"] for b, s in champ_s.items()},
+            final_deployed={b: s.metrics["accuracy"] for b, s in deployed.items()}
+            if deployed else None,
+            final_p={b: paired_scores(base_s[b], champ_s[b]).p_value for b in BENCHMARKS})
+        self.echo("final split (lmms-eval protocol): " + "; ".join(
             f"{b} baseline {_pct_ci(base_s[b].metrics)} -> champion {_pct_ci(champ_s[b].metrics)}"
             for b in BENCHMARKS))
+        if deployed:
+            self.echo("final split, champion with its own settings (deployment, not comparable "
+                      "to the baseline): " + "; ".join(
+                          f"{b} {_pct_ci(deployed[b].metrics)}" for b in BENCHMARKS))
 
-    def final_sizes(self, same: bool) -> dict[str, int]:
-        """The final subsets' sizes, fitted to the time left once and stored before use."""
+    def final_sizes(self, runs: int) -> dict[str, int]:
+        """The final subsets' sizes for ``runs`` evaluations, fitted to the time left once and
+        stored before use."""
         stored = self.store.proposal(self.run_id, 0, "final-sizes")
         if stored is not None:
             return stored["payload"]
         sizes = self.bench.final_sizes(self.budget.left() - max(5.0, 0.01 * self.config.budget_s),
-                                       twice=not same)
+                                       runs=runs)
         self.store.save_proposal(self.run_id, 0, "final-sizes", sizes)
         return sizes
 
@@ -405,24 +437,6 @@ class Loop:
         return Scored(b, result.samples, result.metrics, -1, candidate.eval_configs[b].to_dict(),
                       candidate.adapter_path, result=result)
 
-    def paired(self, champ: Scored, cand: Scored) -> dict:
-        if champ.benchmark == "mmbench_ru":
-            result = paired_test_grouped(champ.samples, cand.samples)
-        else:
-            order = {s["sample_id"]: i for i, s in enumerate(cand.samples)}
-            cand_by_champ = [cand.samples[order[s["sample_id"]]]["correct"] for s in champ.samples]
-            result = paired_test([s["correct"] for s in champ.samples], cand_by_champ)
-        out = result.to_dict()
-        out["better"] = is_better(result, self.config.alpha)
-        return out
-
-    def accept(self, paired: dict[str, dict]) -> bool:
-        """Better on at least one benchmark, significantly worse on none, ahead on the sum."""
-        alpha = self.config.alpha
-        worse = any(p["diff"] < 0 and p["p_value"] < alpha for p in paired.values())
-        return (any(p["better"] for p in paired.values()) and not worse
-                and sum(p["diff"] for p in paired.values()) > 0)
-
     def record_cycle(self, index, choice, champion, candidate, results, status, t0, *,
                      paired=None, error=None):
         key = f"cycle-{index}"
@@ -444,9 +458,9 @@ class Loop:
                 error=error)
             self.store.finish_step(self.run_id, key, {"status": status})
             self.store.update_run(self.run_id, spent_s=self.budget.spent())
-        gain = _gain(paired or {})
-        self.history.append({"index": index, "strategy": choice.strategy, "status": status,
-                             "gain": gain, "candidate": candidate.to_dict() if candidate else None})
+        self.history.append(_history_entry(index, choice.strategy, status,
+                                           candidate.to_dict() if candidate else None,
+                                           paired or {}))
         self.echo(f"cycle {index}: {choice.strategy} {status}"
                   + (f" ({_fmt_scores(results)}; " + ", ".join(
                       f"{b} p={p['p_value']:.3g}" for b, p in (paired or {}).items()) + ")"
@@ -487,6 +501,14 @@ def _as_result(bench: Workbench, scored: Scored):
     ev = bench.store.evaluation(scored.eval_id)
     return EvalResult(benchmark=scored.benchmark, protocol=ev["protocol"], config=scored.config,
                       metrics=scored.metrics, samples=scored.samples, seconds=ev["seconds"])
+
+
+def _history_entry(index: int, strategy: str, status: str, candidate: dict | None,
+                   paired: dict) -> dict:
+    """What the policy and the strategies see of a past cycle (``Context.history``)."""
+    return {"index": index, "strategy": strategy, "status": status, "gain": _gain(paired),
+            "candidate": candidate, "paired": paired,
+            "setting_only": any(p.get("setting_only") for p in paired.values())}
 
 
 def _gain(paired: dict) -> float:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.exceptions import UserError
-from loop.commands.log import format_pct
+from loop.commands.log import format_p, format_pct
 from loop.report import Report, build_report, md_cell, write_report
 
 if TYPE_CHECKING:
@@ -114,7 +114,7 @@ def benchmark_results(report: Report, adapter_id: int) -> dict[str, Any]:
     benchmarks = {}
     for bench, h in report.headline.items():
         entry = {}
-        for role in ("baseline", "champion"):
+        for role in ("baseline", "champion", "deployed"):
             m = h[role]
             entry[role] = None if m is None else {k: m[k] for k in (
                 "accuracy", "n", "ci", "protocol", "split", "adapter_id", "comparable",
@@ -122,10 +122,12 @@ def benchmark_results(report: Report, adapter_id: int) -> dict[str, Any]:
         both = entry["baseline"] and entry["champion"]
         entry["difference"] = (round(entry["champion"]["accuracy"]
                                      - entry["baseline"]["accuracy"], 6) if both else None)
+        entry["final_p"] = h.get("final_p")
         entry["published"] = h["published"]
         benchmarks[bench] = entry
     champions = {(h["champion"] or {}).get("adapter_id") for h in report.headline.values()}
     return {"run_id": report.run["id"], "preset": report.run["preset"], "split": "final",
+            "objective": (report.run.get("config") or {}).get("objective", "benchmark"),
             "adapter_id": adapter_id, "adapter_is_champion": champions == {adapter_id},
             "benchmarks": benchmarks, "notes": report.notes}
 
@@ -155,8 +157,8 @@ def model_card(report: Report, adapter: dict[str, Any], results: dict[str, Any],
         "kept.",
         "", "## Results on the held-out final split", "",
         f"| benchmark | base model | {'this adapter' if results['adapter_is_champion'] else 'champion'}"
-        " | difference | n | protocol | published |",
-        "|---|---|---|---|---|---|---|"]
+        " | difference | p (paired, by cluster) | n | protocol | published |",
+        "|---|---|---|---|---|---|---|---|"]
     for bench, r in results["benchmarks"].items():
         b, c = r["baseline"] or {}, r["champion"] or {}
         diff = f"{100 * r['difference']:+.1f} points" if r["difference"] is not None else "-"
@@ -164,9 +166,20 @@ def model_card(report: Report, adapter: dict[str, Any], results: dict[str, Any],
         pub_text = (f"{100 * pub['accuracy']:.2f}% ({pub['protocol']}; this adapter's number: "
                     f"{c.get('comparability', 'not measured')})" if pub else "-")
         cells = [bench, format_pct(b.get("accuracy"), b.get("ci")),
-                 format_pct(c.get("accuracy"), c.get("ci")), diff,
+                 format_pct(c.get("accuracy"), c.get("ci")), diff, format_p(r.get("final_p")),
                  c.get("n") or b.get("n") or "-", c.get("protocol") or "-", pub_text]
         lines.append("| " + " | ".join(md_cell(x) for x in cells) + " |")
+    deployed = {bench: r["deployed"] for bench, r in results["benchmarks"].items()
+                if r.get("deployed")}
+    if deployed:
+        lines += ["", "With the prompt/decoding settings it was selected with (a deployment "
+                  "setting, its own protocol; not comparable with the base model above):", ""]
+        lines += [f"- {md_cell(bench)}: {format_pct(d['accuracy'], d.get('ci'))} "
+                  f"(n={d.get('n')}; {md_cell(d.get('protocol') or '-')})"
+                  for bench, d in deployed.items()]
+    lines += ["", f"Objective of the run: {results['objective']}. Both columns above use the "
+              "exact lmms-eval protocol: the base model and this adapter with lmms-eval's prompt, "
+              "decoding and scoring."]
     if not results["adapter_is_champion"]:
         lines += ["", "**Note:** this adapter is not the champion measured on the final split of "
                   f"run {run['id']}; the numbers above belong to that champion."]
@@ -176,7 +189,9 @@ def model_card(report: Report, adapter: dict[str, Any], results: dict[str, Any],
               "(touched once, at the end, for the base model and the champion; it fed no "
               "decision). n is the number of final questions (MMBench-ru: question groups, each "
               "scored circularly over its rotated copies).",
-              "- Intervals are 95% (Wilson). A protocol that says 'lmms-eval prompt and decoding' "
+              "- Intervals are 95% (GQA-ru: cluster bootstrap over images; MMBench-ru: Wilson "
+              "over question groups). p is a sign-flip test of the per-cluster differences "
+              "between this adapter and the base model on the same final questions. A protocol that says 'lmms-eval prompt and decoding' "
               "matches the lmms-eval tasks behind the published scores; any other protocol is "
               "its own measurement and is not comparable with them.",
               "- MMBench-ru: lmms-eval replaces an unparseable letter by a random one; here it "

@@ -63,7 +63,8 @@ def history_factor(strategy: str, history: list[dict]) -> tuple[float, str]:
 
 
 def choose(profiles: dict, history: list[dict], costs: dict[str, float], time_left_s: float,
-           exhausted: set[str], catalog: dict | None = None) -> Choice | None:
+           exhausted: set[str], catalog: dict | None = None, *,
+           objective: str = "deployment") -> Choice | None:
     """The strategy with the best expected gain per second that fits, or None.
 
     Args:
@@ -72,10 +73,18 @@ def choose(profiles: dict, history: list[dict], costs: dict[str, float], time_le
         costs: strategy -> estimated seconds (proposal, training, evaluation).
         time_left_s: seconds the cycles may still use.
         exhausted: strategies with nothing left to try.
-        catalog: strategy -> its class (``addresses``, ``requires``); the registry's by default.
+        catalog: strategy -> its class (``addresses``, ``requires``, ``trains``); the
+            registry's by default.
+        objective: "benchmark" (only adapters can win: a remedy that trains nothing is tried
+            once per champion, for context distillation to learn from, and again only when
+            nothing else fits) or "deployment" (every remedy can win).
     """
     catalog = catalog or {name: type(strategies.get(name)) for name in costs}
     tried = {h["strategy"] for h in history}
+    since_champion = history[max((i for i, h in enumerate(history) if h["status"] == "accepted"),
+                                 default=-1) + 1:]
+    setting_tried = objective == "benchmark" and any(h.get("setting_only")
+                                                     for h in since_champion)
     ranking = []
     for name, cost in costs.items():
         gain = expected_gain(catalog[name].addresses, profiles)
@@ -95,11 +104,25 @@ def choose(profiles: dict, history: list[dict], costs: dict[str, float], time_le
         ranking.append(row)
     ranking.sort(key=lambda r: -r["score"])
     open_rows = [r for r in ranking if "skipped" not in r]
+    note = ""
+    if objective == "benchmark":
+        trains = [r for r in open_rows if catalog[r["strategy"]].trains]
+        if setting_tried and trains:
+            for r in open_rows:
+                if not catalog[r["strategy"]].trains:
+                    r["skipped"] = ("under --objective benchmark a prompt/decoding setting cannot "
+                                    "win; one was already tried for this champion")
+            open_rows = trains
+        elif open_rows and not catalog[open_rows[0]["strategy"]].trains:
+            note = (" Under --objective benchmark a prompt/decoding setting cannot win: it is "
+                    "measured so that its gain can be distilled into an adapter"
+                    + ("; nothing that trains fits, so a setting is tried again" if setting_tried
+                       else "") + ".")
     if not open_rows:
         return None
     best = open_rows[0]
     return Choice(strategy=best["strategy"], est_cost_s=best["est_cost_s"], score=best["score"],
-                  rationale=_rationale(best, open_rows[1:], profiles), ranking=ranking)
+                  rationale=_rationale(best, open_rows[1:], profiles) + note, ranking=ranking)
 
 
 def _rationale(best: dict, others: list[dict], profiles: dict) -> str:

@@ -34,7 +34,9 @@ PUBLISHED = {
 }
 LMMS_MARK = "lmms-eval prompt and decoding"
 EXAMPLES = 8
-ROLES = (("baseline", "base model"), ("champion", "champion"))
+ROLES = (("baseline", "base model"), ("champion", "champion's adapter"),
+         ("deployed", "champion with its settings (deployment)"))
+RUN_KEYS = {"baseline": "baseline", "champion": "final", "deployed": "final_deployed"}
 UNPARSEABLE_NOTE = ("MMBench-ru: n counts question groups, each right only if every rotated "
                     "copy is. lmms-eval replaces an answer whose letter cannot be parsed by a "
                     "random letter; this project counts it as wrong, so the same outputs score "
@@ -51,10 +53,11 @@ class Report:
     Attributes:
         run: The run row (id, status, preset, gpu, budget_s, spent_s, config, environment...).
         benchmarks: The benchmarks found in the run, known ones first.
-        headline: Per benchmark: ``baseline`` and ``champion`` measures on the ``final`` split
-            (accuracy, n, ci, protocol, split, adapter_id, detail, comparable and a
-            comparability note; None when not measured) and ``published`` (accuracy,
-            protocol, source).
+        headline: Per benchmark: ``baseline``, ``champion`` (its adapter under the lmms-eval
+            protocol) and ``deployed`` (with the settings it carries) measures on the
+            ``final`` split (accuracy, n, ci, protocol, split, adapter_id, detail, comparable
+            and a comparability note; None when not measured), ``final_p`` (the paired test
+            of champion against base) and ``published`` (accuracy, protocol, source).
         dev: Per benchmark, the dev points per cycle (index, strategy, status, accuracy, ci,
             champion) for the accuracy plot.
         error_profiles: ``[{"label", "profile": {benchmark: {error_label: count}}}]``, the
@@ -92,12 +95,14 @@ def build_report(store: Store, run_id: int | None = None) -> Report:
     headline, analysis = {}, {}
     for bench in benches:
         headline[bench] = {role: _measure(finals[role].get(bench), run, role, bench, demo)
-                           for role in ("baseline", "champion")}
+                           for role, _ in ROLES}
+        headline[bench]["final_p"] = (run.get("final_p") or {}).get(bench)
         headline[bench]["published"] = PUBLISHED.get(bench)
         preds = {role: store.predictions(evs[bench]["id"]) for role, evs in finals.items()
                  if bench in evs}
-        analysis[bench] = {role: _error_counts(preds[role]) for role in preds}
-        if len(preds) == 2:
+        analysis[bench] = {role: _error_counts(preds[role]) for role in ("baseline", "champion")
+                           if role in preds}
+        if "baseline" in preds and "champion" in preds:
             analysis[bench].update(compare(preds["baseline"], preds["champion"], EXAMPLES))
     profiles = [{"label": str(c["index"]), "profile": clean_profile(c["error_profile"])}
                 for c in cycles if c["error_profile"]]
@@ -106,7 +111,7 @@ def build_report(store: Store, run_id: int | None = None) -> Report:
             b: _error_counts(store.predictions(e["id"]))["counts"] for b, e in dev_base.items()}}]
     notes = [DEMO_NOTE] if demo else []
     if any(m and m["comparability"] == "different protocol"
-           for h in headline.values() for m in (h["baseline"], h["champion"])):
+           for h in headline.values() for m in (h["baseline"], h["champion"], h["deployed"])):
         notes.append("A number marked 'different protocol' was measured with a prompt, decoding "
                      "or scoring other than lmms-eval's, so it cannot be set against the "
                      "published score; the protocol is named next to every number.")
@@ -125,7 +130,7 @@ def _measure(ev: dict | None, run: dict, role: str, bench: str,
     """A headline number from its evaluation, or from the run row when no evaluation exists,
     with whether it shares the published score's protocol."""
     if ev is None:
-        value = (run["baseline" if role == "baseline" else "final"] or {}).get(bench)
+        value = (run.get(RUN_KEYS[role]) or {}).get(bench)
         n = (run["final_n"] or {}).get(bench)
         if value is None:
             return None
@@ -191,7 +196,15 @@ def header_lines(report: Report) -> list[str]:
     run = report.run
     lines = [f"status {run['status']}, preset {run['preset']}, GPU profile {run['gpu']}",
              f"budget {format_duration(run['budget_s'])}, spent {format_duration(run['spent_s'])}"
-             f", started {run['started_at']}, finished {run['finished_at'] or '-'}"]
+             f", started {run['started_at']}, finished {run['finished_at'] or '-'}",
+             f"objective {(run.get('config') or {}).get('objective', 'benchmark')}: "
+             + ("only adapters could win (judged by the exact lmms-eval protocol)"
+                if (run.get("config") or {}).get("objective", "benchmark") == "benchmark"
+                else "prompt and decoding settings were part of the candidates")]
+    if run.get("final_p"):
+        lines.append("champion vs base on the final split, cluster-aware paired test: " + ", ".join(
+            f"{b} p={format_p(p)} (n={(run.get('final_n') or {}).get(b, '-')})"
+            for b, p in run["final_p"].items()))
     for key, value in (run["environment"] or {}).items():
         if isinstance(value, dict):
             value = ", ".join(f"{k} {v}" for k, v in value.items())
@@ -205,6 +218,8 @@ def headline_rows(report: Report) -> list[list[str]]:
     for bench, h in report.headline.items():
         for role, name in ROLES:
             m = h[role]
+            if m is None and role == "deployed":
+                continue
             if m is None:
                 rows.append([bench, name, "not measured", "-", "-", ""])
                 continue

@@ -35,7 +35,8 @@ LOCK_STALE_S = 120.0
 HEARTBEAT_EVERY_S = 30.0
 
 _JSON_COLUMNS = {
-    "loop_runs": ("config", "environment", "baseline", "final", "final_n"),
+    "loop_runs": ("config", "environment", "baseline", "final", "final_n", "final_deployed",
+                  "final_p"),
     "loop_steps": ("result",),
     "loop_evaluations": ("metrics", "candidate"),
     "loop_predictions": ("labels",),
@@ -43,10 +44,10 @@ _JSON_COLUMNS = {
     "loop_adapters": ("config", "metrics"),
     "loop_proposals": ("payload",),
 }
-_RUN_FIELDS = {"status", "spent_s", "baseline", "final", "final_n", "report_path", "environment",
-               "config", "error"}
+_RUN_FIELDS = {"status", "spent_s", "baseline", "final", "final_n", "final_deployed", "final_p",
+               "report_path", "environment", "config", "error"}
 _PREDICTION_COLUMNS = ("sample_id", "question", "answer", "prompt", "output", "parsed", "correct",
-                       "image_ok", "seconds", "labels")
+                       "image_ok", "seconds", "labels", "cluster")
 
 migrations = Migrations("loop")
 
@@ -94,6 +95,15 @@ def m001_initial(db: Database) -> None:
     }, pk="id", foreign_keys=[("run_id", "loop_runs", "id")])
     db["loop_pins"].create({"id": int, "action": str, "adapter_id": int, "note": str, "at": str},
                            pk="id")
+
+
+@migrations()
+def m002_clusters_and_final_verdict(db: Database) -> None:
+    """Each prediction's cluster (GQA-ru image, MMBench-ru question group); the run's final
+    numbers under its deployment setting and the final paired test's p-values."""
+    db["loop_predictions"].add_column("cluster", str)
+    db["loop_runs"].add_column("final_deployed", str)
+    db["loop_runs"].add_column("final_p", str)
 
 
 def _to_json(value: Any) -> Any:
@@ -422,6 +432,7 @@ class Store:
             r.get("output"), r.get("parsed"), int(bool(r["correct"])),
             int(bool(r.get("image_ok", True))), r.get("seconds"),
             _dumps(sorted(r.get("labels") or [])),
+            None if r.get("cluster") is None else str(r["cluster"]),
         ) for r in rows]
         with self.db.atomic():
             self.db.conn.executemany(sql, params)

@@ -125,9 +125,8 @@ class Workbench:
 
         return protected_keys([e for b in BENCHMARKS for e in self.examples[b]], digests=True)
 
-    def final_sizes(self, seconds: float, twice: bool) -> dict[str, int]:
-        """Final questions per benchmark that fit in ``seconds`` at the measured rates."""
-        runs = 2 if twice else 1
+    def final_sizes(self, seconds: float, runs: int) -> dict[str, int]:
+        """Final questions per benchmark that fit ``runs`` evaluations in ``seconds``."""
         need = sum(runs * self.costs.eval_seconds(b, len(self.final[b])) for b in self.final)
         scale = min(1.0, max(0.0, seconds) / max(need, 1e-9))
         return {b: max(min(30, len(f)), int(scale * len(f))) for b, f in self.final.items()}

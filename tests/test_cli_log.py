@@ -75,7 +75,9 @@ def fill(path: Path) -> dict[str, int]:
         store.update_run(run_id, status="finished", spent_s=20000.0,
                          baseline={"gqa_ru": 0.25, "mmbench_ru": 0.0},
                          final={"gqa_ru": 0.55, "mmbench_ru": 0.5},
-                         final_n={"gqa_ru": 800, "mmbench_ru": 600})
+                         final_n={"gqa_ru": 800, "mmbench_ru": 600},
+                         final_deployed={"gqa_ru": 0.6, "mmbench_ru": 0.52},
+                         final_p={"gqa_ru": 0.0004, "mmbench_ru": 0.03})
         running = store.create_run(config={}, environment={}, budget_s=3600, preset="demo",
                                    gpu="cpu")
     return {"run": run_id, "running": running, "champion": adapters[0], "other": adapters[1]}
@@ -114,13 +116,19 @@ def test_log_json_has_the_design_shape(db, capsys):
     assert [c["status"] for c in finished["cycles"]] == ["accepted", "rejected"]
     assert set(finished["baseline"]) == set(finished["final"]) == {"gqa_ru", "mmbench_ru"}
     assert finished["final_n"] == {"gqa_ru": 800, "mmbench_ru": 600}
+    assert finished["final_p"] == {"gqa_ru": 0.0004, "mmbench_ru": 0.03}
+    assert finished["final_deployed"] == {"gqa_ru": 0.6, "mmbench_ru": 0.52}
+    assert finished["objective"] == "benchmark" and "final_p" not in running
 
 
 def test_log_table_for_people(db, capsys):
     assert cli("log", "--db", db[0]) == 0
     out = capsys.readouterr().out
     assert "61.0% [50.0, 70.0]" in out and "0.004" in out and "1m35s" in out
-    assert "champion on the final split: gqa_ru 55.0% [" in out and "n=800" in out
+    assert "champion's adapter (lmms-eval protocol) on the final split: gqa_ru 55.0% [" in out
+    assert "n=800" in out and "objective benchmark" in out
+    assert "champion with its settings (deployment) on the final split: gqa_ru 60.0%" in out
+    assert "gqa_ru p=<0.001, mmbench_ru p=0.03" in out
 
 
 def test_log_without_a_database_suggests_a_run(tmp_path: Path):

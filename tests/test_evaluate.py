@@ -25,18 +25,88 @@ def _mmb(index: int, options: dict[str, str], answer: str, hint=None) -> dict:
             "category": "color", "_image": lambda: img}
 
 
-# Golden prompts: a change here changes every number the tool reports.
-def test_gqa_prompt_is_lmms_evals():
-    assert build_prompt(_gqa(0), EvalConfig()) == "Есть ли на картинке круг?\nОтветь одним словом."
+# Golden prompts: a change here changes every number the tool reports. The expected strings
+# are lmms-eval's, from EvolvingLMMs-Lab/lmms-eval at commit
+# 75571cfe0fa36ca5ec2e6aa2bb268f9d38295af3 (files last changed in c7eaef373f4b):
+#   lmms_eval/tasks/gqa_ru/gqa_ru.yaml           post_prompt: "\nОтветь одним словом."
+#   lmms_eval/tasks/gqa_ru/utils.py              f"{pre_prompt}{question}{post_prompt}"
+#   lmms_eval/tasks/mmbench/_default_template_mmbench_ru_yaml
+#                                                post_prompt: "\nВыбери правильный вариант ответа буквой."
+#                                                until: ["ASSISTANT:"], max_new_tokens: 1024
+#   lmms_eval/tasks/mmbench/mmbench.yaml         sys_prompt: "There are several options:"
+#   lmms_eval/tasks/mmbench/ru_utils.py          f"{hint} {question} {options}" (no hint when
+#                                                missing or "nan"), then f"{query}\n{post_prompt}"
+#   lmms_eval/tasks/mmbench/mmbench_evals.py     create_options_prompt: f"{sys_prompt}\n" +
+#                                                "A. ...\n" per option, rstrip("\n")
+LMMS_GOLDEN = [
+    (_gqa(0), "Есть ли на картинке круг?\nОтветь одним словом."),
+    (_mmb(5, {"A": "красный", "B": "синий"}, "A"),
+     "Какого цвета фигура? There are several options:\nA. красный\nB. синий\n\n"
+     "Выбери правильный вариант ответа буквой."),
+    (_mmb(7, {"A": "красный", "B": "синий", "C": "зелёный", "D": "жёлтый"}, "C",
+          hint="На картинке одна фигура."),
+     "На картинке одна фигура. Какого цвета фигура? There are several options:\nA. красный\n"
+     "B. синий\nC. зелёный\nD. жёлтый\n\nВыбери правильный вариант ответа буквой."),
+    (_mmb(8, {"A": "красный", "B": "синий", "C": "зелёный"}, "B", hint="nan"),
+     "Какого цвета фигура? There are several options:\nA. красный\nB. синий\nC. зелёный\n\n"
+     "Выбери правильный вариант ответа буквой."),
+]
 
 
-def test_mmbench_prompt_is_lmms_evals_with_and_without_hint():
-    ex = _mmb(5, {"A": "красный", "B": "синий"}, "A")
-    assert build_prompt(ex, EvalConfig()) == (
-        "Какого цвета фигура? There are several options:\nA. красный\nB. синий\n\n"
-        "Выбери правильный вариант ответа буквой.")
-    ex["hint"] = "Подсказка."
-    assert build_prompt(ex, EvalConfig()).startswith("Подсказка. Какого цвета фигура? There")
+@pytest.mark.parametrize(("example", "expected"), LMMS_GOLDEN)
+def test_prompts_are_lmms_evals_byte_for_byte(example, expected):
+    assert build_prompt(example, EvalConfig()) == expected
+
+
+def _lmms_eval_mmbench_doc_to_text(doc: dict) -> str:
+    # lmms-eval's ru_utils.mmbench_doc_to_text and create_options_prompt, restated on a doc.
+    options_prompt = "There are several options:\n"
+    for key in sorted(set(doc) & {"A", "B", "C", "D", "E"}):
+        if doc[key] and doc[key] != "nan":
+            options_prompt += f"{key}. {doc[key]}\n"
+    options_prompt = options_prompt.rstrip("\n")
+    hint = doc["hint"]
+    query = (f"{hint} {doc['question']} {options_prompt}" if hint is not None and hint != "nan"
+             else f"{doc['question']} {options_prompt}")
+    return f"{query}\n" + "\nВыбери правильный вариант ответа буквой."
+
+
+@pytest.mark.parametrize("hint", [None, "nan", "Подсказка: фигура одна."])
+@pytest.mark.parametrize("n_options", [2, 3, 4])
+def test_mmbench_prompt_matches_lmms_evals_function(hint, n_options):
+    options = dict(zip("ABCD", ["красный", "синий", "зелёный", "жёлтый"][:n_options]))
+    doc = {"question": "Какого цвета фигура?", "hint": hint, **options}
+    assert build_prompt(_mmb(3, options, "A", hint=hint), EvalConfig()) == (
+        _lmms_eval_mmbench_doc_to_text(doc))
+
+
+def test_lmms_protocol_is_named_and_changes_are_not():
+    config = EvalConfig()
+    assert config.is_lmms("gqa_ru") and config.is_lmms("mmbench_ru")
+    assert EvalConfig(max_new_tokens=1024).is_lmms("mmbench_ru")
+    assert not EvalConfig(max_new_tokens=64).is_lmms("mmbench_ru")
+    assert not EvalConfig(mode="likelihood").is_lmms("mmbench_ru")
+    assert not EvalConfig(stop_strings=["\n"]).is_lmms("gqa_ru")
+    assert not EvalConfig(instruction="Ответь буквой.").is_lmms("mmbench_ru")
+    assert "its own protocol" in EvalConfig(mode="likelihood").protocol("mmbench_ru")
+    assert "lmms-eval prompt and decoding" in config.protocol("mmbench_ru")
+
+
+def test_mmbench_generation_uses_lmms_evals_limit_and_stop(tiny_vlm, monkeypatch):
+    seen = {}
+
+    def fake_generate(prompts, images, **kwargs):
+        seen.update(kwargs)
+        return ["B ASSISTANT: A"] * len(prompts)
+
+    monkeypatch.setattr(tiny_vlm, "generate", fake_generate)
+    ex = _mmb(1, {"A": "красный", "B": "синий"}, "B")
+    result = evaluate(tiny_vlm, [ex], progress=False)
+    assert seen["max_new_tokens"] == 1024 and seen["stop_strings"] == ["ASSISTANT:"]
+    assert result.samples[0]["cluster"] == 1
+    gqa = evaluate(tiny_vlm, [_gqa(2)], progress=False)
+    assert seen["max_new_tokens"] == 16 and not seen["stop_strings"]
+    assert gqa.samples[0]["cluster"] == "i2"
 
 
 def test_config_validation_reports_every_problem():

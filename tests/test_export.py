@@ -81,7 +81,7 @@ def test_export_writes_peft_files_card_report_and_results(db, tmp_path, capsys):
     header = card.split("---")[1]
     for line in ("base_model: deepvk/llava-saiga-8b", "library_name: peft", "- ru"):
         assert line in header.splitlines()
-    assert "| gqa_ru | 20.0% [0.0, 40.0] | 80.0% [60.0, 100.0] | +60.0 points | 10 |" in card
+    assert "| gqa_ru | 20.0% [0.0, 40.0] | 80.0% [60.0, 100.0] | +60.0 points | - | 10 |" in card
     assert GQA_LMMS in card and MMB_LIKELIHOOD in card and "51.44%" in card
     assert "## How it was measured" in card and "## Limitations" in card
     assert '"rank": 16' in card and "llava_instruct_ru" in card  # training config and data
@@ -185,3 +185,22 @@ def test_exported_adapter_loads_with_peft(db, tmp_path):
     fresh.load_state_dict(state)
     loaded = PeftModel.from_pretrained(fresh, tmp_path / "e" / "adapter")
     assert torch.allclose(loaded(x), expected)
+
+
+def test_card_and_results_show_final_p_the_objective_and_deployed_numbers_apart(db, tmp_path):
+    with Store(db) as store:
+        run = store.latest_run()
+        store.update_run(run["id"], final_p={"gqa_ru": 0.0004, "mmbench_ru": 0.2},
+                         final_deployed={"gqa_ru": 0.9})
+        store.pin(1)
+    out = tmp_path / "export"
+    assert cli("--db", str(db), "--out", str(out)) == 0
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "| gqa_ru | 20.0% [0.0, 40.0] | 80.0% [60.0, 100.0] | +60.0 points | &lt;0.001 | 10 |" in card
+    assert "Objective of the run: benchmark" in card
+    assert "- gqa_ru: 90.0%" in card and "not comparable with the base model" in card
+    results = json.loads((out / "benchmark_results.json").read_text(encoding="utf-8"))
+    gqa = results["benchmarks"]["gqa_ru"]
+    assert results["objective"] == "benchmark" and gqa["final_p"] == 0.0004
+    assert gqa["deployed"]["accuracy"] == 0.9 and gqa["difference"] == 0.6  # never 0.9 - 0.2
+    assert results["benchmarks"]["mmbench_ru"]["deployed"] is None

@@ -238,3 +238,15 @@ def test_report_without_runs_is_a_user_error(tmp_path):
         cli("--db", str(db))
     with pytest.raises(UserError, match="no run 7 in"):
         cli("--db", str(db), "--run", "7")
+
+
+def test_report_names_the_objective_and_the_final_verdict(filled, tmp_path):
+    db, run_id = filled
+    with Store(db) as store:
+        store.update_run(run_id, final_p={"gqa_ru": 0.0004, "mmbench_ru": 0.2},
+                         final_deployed={"gqa_ru": 0.9})
+    md, html_text = write(db, tmp_path / "r")
+    for text in (md, html_text):
+        assert "objective benchmark: only adapters could win" in text
+        assert "gqa_ru p=" in text and "mmbench_ru p=0.2" in text
+        assert "champion with its settings (deployment)" in text and "90.0%" in text

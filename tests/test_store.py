@@ -268,3 +268,19 @@ def test_optuna_shares_the_file(store: Store, path: Path):
     assert len(optuna.load_study(study_name="x", storage=store.optuna_storage_url()).trials) == 2
     with pytest.raises(ValueError, match="in-memory"):
         Store(":memory:").optuna_storage_url()
+
+
+def test_predictions_keep_their_cluster_and_runs_their_final_verdict(store: Store):
+    run_id = store.create_run(config={}, environment={}, budget_s=60, preset="demo", gpu="cpu")
+    eval_id = store.add_evaluation(
+        run_id=run_id, cycle_index=None, role="baseline", benchmark="gqa_ru", split="dev",
+        protocol="p", metrics={"accuracy": 0.5}, n=2, seconds=1.0, adapter_id=None, candidate={})
+    store.add_predictions(eval_id, [
+        {"sample_id": "q1", "correct": True, "cluster": "img7"},
+        {"sample_id": "q2", "correct": False, "cluster": 12},
+        {"sample_id": "q3", "correct": False},
+    ])
+    assert [p["cluster"] for p in store.predictions(eval_id)] == ["img7", "12", None]
+    store.update_run(run_id, final_p={"gqa_ru": 0.01}, final_deployed={"gqa_ru": 0.7})
+    run = store.get_run(run_id)
+    assert run["final_p"] == {"gqa_ru": 0.01} and run["final_deployed"] == {"gqa_ru": 0.7}

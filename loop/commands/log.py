@@ -44,13 +44,20 @@ def summarize_run(store: Store, run: dict[str, Any]) -> dict[str, Any]:
         "index": c["index"], "strategy": c["strategy"], "status": c["status"],
         "dev": c["dev"] or {}, "duration_s": c["duration_s"], "dev_ci": c["dev_ci"] or {},
         "p_value": {b: (t or {}).get("p_value") for b, t in (c["paired"] or {}).items()},
+        "alpha": {b: (t or {}).get("alpha") for b, t in (c["paired"] or {}).items()},
+        "decision": next((t.get("decision") for t in (c["paired"] or {}).values()
+                          if t and t.get("decision")), None),
         "adapter_id": c["adapter_id"],
     } for c in store.cycles(run["id"])]
     summary["run_dir"] = str(store.run_dir(run["id"]))
     summary["resumes"] = [{"at": r["at"], "spent_s": r["spent_s"], "redone": r["redone"]}
                           for r in store.resumes(run["id"])]
+    summary["objective"] = (run.get("config") or {}).get("objective", "benchmark")
     if run["status"] == "finished" or run["final"] is not None:
-        summary.update(baseline=run["baseline"], final=run["final"], final_n=run["final_n"])
+        summary.update(baseline=run["baseline"], final=run["final"], final_n=run["final_n"],
+                       final_p=run.get("final_p"))
+        if run.get("final_deployed"):
+            summary["final_deployed"] = run["final_deployed"]
     return summary
 
 
@@ -101,7 +108,7 @@ def render_run(run: dict[str, Any]) -> str:
     """A run's header, its final numbers (when finished) and its cycle table, for people."""
     lines = [f"run {run['id']}  {run['status']}  preset {run['preset']}  gpu {run['gpu']}  "
              f"budget {format_duration(run['budget_s'])}  spent {format_duration(run['spent_s'])}"
-             f"  started {run['started_at']}"]
+             f"  started {run['started_at']}  objective {run.get('objective', 'benchmark')}"]
     resumes = run.get("resumes") or []
     if resumes:
         lines.append(f"  resumed {len(resumes)} time{'s' if len(resumes) > 1 else ''}: " + ", ".join(
@@ -109,7 +116,9 @@ def render_run(run: dict[str, Any]) -> str:
     if run.get("run_dir"):
         lines.append(f"  files: {run['run_dir']}")
     final_n = run.get("final_n") or {}
-    for label, key in (("base model", "baseline"), ("champion", "final")):
+    for label, key in (("base model (lmms-eval protocol)", "baseline"),
+                       ("champion's adapter (lmms-eval protocol)", "final"),
+                       ("champion with its settings (deployment)", "final_deployed")):
         values = run.get(key) or {}
         if values:
             parts = []
@@ -118,6 +127,9 @@ def render_run(run: dict[str, Any]) -> str:
                 ci = wilson_interval(value, n) if n else None
                 parts.append(f"{bench} {format_pct(value, ci)}" + (f" n={n}" if n else ""))
             lines.append(f"  {label} on the final split: " + ", ".join(parts))
+    if run.get("final_p"):
+        lines.append("  champion vs base on the final split (cluster-aware paired test): "
+                     + ", ".join(f"{b} p={format_p(p)}" for b, p in run["final_p"].items()))
     cycles = run["cycles"]
     if not cycles:
         lines.append("  no cycles yet")

@@ -21,6 +21,10 @@ def add_parser(sub) -> None:
                    help="continue the latest unfinished run in the database")
     p.add_argument("--reserve", type=float, default=0.2, metavar="FRACTION",
                    help="share of the budget kept for the final evaluation (default 0.2)")
+    p.add_argument("--objective", choices=("benchmark", "deployment"), default="benchmark",
+                   help="what the loop optimises: benchmark (default; the exact lmms-eval "
+                   "protocol, so only adapters can win) or deployment (prompt and decoding "
+                   "settings are part of the candidate)")
     p.add_argument("--max-cycles", type=int, metavar="N", help="stop after N cycles")
     p.add_argument("--dev-size", type=int, metavar="N",
                    help="dev questions per benchmark per evaluation (default: from the cost model)")
@@ -61,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
                        dev_size=args.dev_size, final_size=args.final_size,
                        batch_size=args.batch_size, prefix_cache=args.prefix_cache,
                        workdir=args.workdir, strategies=names,
+                       objective=args.objective,
                        progress=not args.quiet)
     store = Store(args.db)
     try:

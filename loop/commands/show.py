@@ -190,13 +190,20 @@ def render(view: dict[str, Any]) -> str:
         if p["data_file"]:
             lines.append(f"trained on: {p['data_file']} (sha256 {p['data_sha256'][:12]}…, "
                          f"{p['payload'].get('config', {}).get('steps')} steps)")
+    decision = next((t.get("decision") for t in view["paired"].values()
+                     if isinstance(t, dict) and t.get("decision")), None)
+    if decision:
+        lines.append(f"rule: {decision}")
     benches = benchmarks_of([view["dev"], view["paired"]])
     if benches:
         rows = []
         for bench in benches:
             test = dict(view["paired"].get(bench) or {})
             p_value = test.pop("p_value", None)
-            details = ", ".join(f"{k}={_short(v, 40)}" for k, v in test.items())
+            # the cycle-level decision is printed above; the reason already has p, α_k, diff
+            details = test.get("reason") or ", ".join(
+                f"{k}={_short(v, 40)}" for k, v in test.items()
+                if k not in ("decision", "setting_only"))
             rows.append([bench, format_pct(view["dev"].get(bench), view["dev_ci"].get(bench)),
                          format_p(p_value), details])
         lines += ["", "dev accuracy [95% interval] and the paired test against the champion:",
