@@ -91,6 +91,25 @@ class Workbench:
 
         return protected_keys([e for b in BENCHMARKS for e in self.examples[b]], digests=True)
 
+    @cached_property
+    def guard_keys(self):
+        """``protected`` prepared for fast checks (``strategies.guard.prepare``)."""
+        from strategies.guard import prepare
+
+        return prepare(self.protected)
+
+    @cached_property
+    def train_templates(self) -> set[str]:
+        """Questions GQA-ru train asks about many images: sharing one leaks nothing."""
+        from core.data import load_gqa
+        from strategies.guard import template_questions
+
+        try:
+            return template_questions(load_gqa(self.sources.data.gqa, "train"))
+        except UserError as exc:  # then only the records' own templates are allowed
+            log.warning("GQA-ru train unreadable, no template questions allowed: %s", exc)
+            return set()
+
     def final_sizes(self, seconds: float, twice: bool) -> dict[str, int]:
         """Final questions per benchmark that fit in ``seconds`` at the measured rates."""
         runs = 2 if twice else 1
@@ -183,13 +202,22 @@ class Workbench:
               strategy: str, parent_id: int | None = None):
         """Train an adapter under a deadline, register it, feed the cost model."""
         from core.train import train_lora
+        from strategies.base import ProposalFailed
+        from strategies.guard import LeakageError, screen
 
+        try:  # every path that trains passes the one leakage guard, whoever built the data
+            records, guard = screen(records, self.guard_keys, source=f"{strategy} ({name})",
+                                    allowed_questions=self.train_templates)
+        except LeakageError as exc:
+            raise ProposalFailed(str(exc)) from None
         out = self.workdir / "adapters" / name
         deadline = self.budget.deadline(deadline_s)
         self.vlm.set_adapter(None)
         result = train_lora(self.vlm, records, config, out, deadline=deadline,
                             profile=self.profile, adapter_name=adapter_name(str(out)), resume=True)
         self.store.heartbeat()
+        if guard["refused"]:
+            result.skipped["leakage_refused"] = guard["refused"]
         if result.samples:
             self.costs.observe_train(result.samples, result.seconds)
         if not result.ok:
