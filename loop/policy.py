@@ -75,19 +75,17 @@ def choose(profiles: dict, history: list[dict], costs: dict[str, float], time_le
         catalog: strategy -> its class (``addresses``, ``requires``); the registry's by default.
     """
     catalog = catalog or {name: type(strategies.get(name)) for name in costs}
-    tried = {h["strategy"] for h in history}
     ranking = []
     for name, cost in costs.items():
         gain = expected_gain(catalog[name].addresses, profiles)
-        requires = catalog[name].requires
         factor, words = history_factor(name, history)
         row = {"strategy": name, "expected_gain": round(gain, 4), "history": words,
                "factor": round(factor, 3), "est_cost_s": round(cost, 1),
                "score": gain * factor / max(cost, 1.0)}
         if name in exhausted:
             row["skipped"] = "nothing left to try"
-        elif requires and requires not in tried:
-            row["skipped"] = f"waits until {requires} has run"
+        elif catalog[name].waiting(history):
+            row["skipped"] = catalog[name].waiting(history)
         elif cost > time_left_s:
             row["skipped"] = f"needs ~{fmt_s(cost)}, {fmt_s(time_left_s)} left"
         elif gain * factor <= 0.002:
