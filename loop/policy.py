@@ -80,7 +80,6 @@ def choose(profiles: dict, history: list[dict], costs: dict[str, float], time_le
             nothing else fits) or "deployment" (every remedy can win).
     """
     catalog = catalog or {name: type(strategies.get(name)) for name in costs}
-    tried = {h["strategy"] for h in history}
     since_champion = history[max((i for i, h in enumerate(history) if h["status"] == "accepted"),
                                  default=-1) + 1:]
     setting_tried = objective == "benchmark" and any(h.get("setting_only")
@@ -88,15 +87,14 @@ def choose(profiles: dict, history: list[dict], costs: dict[str, float], time_le
     ranking = []
     for name, cost in costs.items():
         gain = expected_gain(catalog[name].addresses, profiles)
-        requires = catalog[name].requires
         factor, words = history_factor(name, history)
         row = {"strategy": name, "expected_gain": round(gain, 4), "history": words,
                "factor": round(factor, 3), "est_cost_s": round(cost, 1),
                "score": gain * factor / max(cost, 1.0)}
         if name in exhausted:
             row["skipped"] = "nothing left to try"
-        elif requires and requires not in tried:
-            row["skipped"] = f"waits until {requires} has run"
+        elif catalog[name].waiting(history):
+            row["skipped"] = catalog[name].waiting(history)
         elif cost > time_left_s:
             row["skipped"] = f"needs ~{fmt_s(cost)}, {fmt_s(time_left_s)} left"
         elif gain * factor <= 0.002:

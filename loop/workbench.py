@@ -125,6 +125,25 @@ class Workbench:
 
         return protected_keys([e for b in BENCHMARKS for e in self.examples[b]], digests=True)
 
+    @cached_property
+    def guard_keys(self):
+        """``protected`` prepared for fast checks (``strategies.guard.prepare``)."""
+        from strategies.guard import prepare
+
+        return prepare(self.protected)
+
+    @cached_property
+    def train_templates(self) -> set[str]:
+        """Questions GQA-ru train asks about many images: sharing one leaks nothing."""
+        from core.data import load_gqa
+        from strategies.guard import template_questions
+
+        try:
+            return template_questions(load_gqa(self.sources.data.gqa, "train"))
+        except UserError as exc:  # then only the records' own templates are allowed
+            log.warning("GQA-ru train unreadable, no template questions allowed: %s", exc)
+            return set()
+
     def final_sizes(self, seconds: float, runs: int) -> dict[str, int]:
         """Final questions per benchmark that fit ``runs`` evaluations in ``seconds``."""
         need = sum(runs * self.costs.eval_seconds(b, len(self.final[b])) for b in self.final)
@@ -222,7 +241,14 @@ class Workbench:
         aside and training starts again in a fresh folder.
         """
         from core.train import train_lora
+        from strategies.base import ProposalFailed
+        from strategies.guard import LeakageError, screen
 
+        try:  # every path that trains passes the one leakage guard, whoever built the data
+            records, guard = screen(records, self.guard_keys, source=f"{strategy} ({name})",
+                                    allowed_questions=self.train_templates)
+        except LeakageError as exc:
+            raise ProposalFailed(str(exc)) from None
         out = self.workdir / "adapters" / name
         records, config, replayed = self._proposal(records, config, name, strategy, parent_id,
                                                    cycle, out)
@@ -239,6 +265,8 @@ class Workbench:
                         "again from the start", out, exc, aside)
             result = train_lora(self.vlm, records, config, out, resume=False, **kwargs)
         self.store.heartbeat()
+        if guard["refused"]:
+            result.skipped["leakage_refused"] = guard["refused"]
         if result.samples:
             self.costs.observe_train(result.samples, result.seconds)
         if not result.ok:

@@ -41,3 +41,4 @@ register("prompt_constraints", "strategies.prompt_constraints:PromptConstraints"
 register("generation_params", "strategies.generation_params:GenerationParams")
 register("answer_format_sft", "strategies.answer_format_sft:AnswerFormatSFT")
 register("optuna_hpo", "strategies.optuna_hpo:OptunaHPO")
+register("context_distill", "strategies.context_distill:ContextDistill")

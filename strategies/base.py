@@ -137,6 +137,15 @@ class Strategy(ABC):
     requires: ClassVar[str | None] = None
     """A strategy that must have run in this run before this one is worth trying."""
 
+    @classmethod
+    def waiting(cls, history: list[dict]) -> str | None:
+        """Why this strategy is not worth trying yet given the run's history, or None.
+
+        By default it waits for ``requires``; a strategy may wait for other facts."""
+        if cls.requires and cls.requires not in {h["strategy"] for h in history}:
+            return f"waits until {cls.requires} has run"
+        return None
+
     @abstractmethod
     def propose(self, ctx: Context) -> Candidate:
         """Return a candidate derived from ``ctx.champion``, ready to evaluate.

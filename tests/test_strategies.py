@@ -168,7 +168,8 @@ class Fakes:
         key = json.dumps([benchmark, cfg.get("rank"), round(lr_fit, 6)], sort_keys=True)
         acc = 0.5 + 0.1 * lr_fit + int(hashlib.sha1(key.encode()).hexdigest()[:4], 16) / 65535 / 10
         k = max(0, min(n, round(acc * n)))
-        return SimpleNamespace(accuracy=k / n, n=n, samples=[{"correct": i < k} for i in range(n)])
+        return SimpleNamespace(accuracy=k / n, n=n, samples=[
+            {"correct": i < k, "output": "да", "parsed": "A"} for i in range(n)])
 
 
 def make_ctx(tmp_path: Path, data: DataSources, protected: dict, *, seed: int = 0,
@@ -197,6 +198,22 @@ def record_of(candidate: Candidate) -> dict:
             "candidate": candidate.to_dict()}
 
 
+def winning_history(benchmark: str = "gqa_ru", gain: float = 0.05,
+                    adapter_path: str | None = None) -> list[dict]:
+    """One rejected cycle whose setting-only candidate won on dev (objective benchmark)."""
+    cand = base_candidate()
+    cand.strategy, cand.adapter_path = "generation_params", adapter_path
+    cand.eval_configs[benchmark] = EvalConfig(max_new_tokens=8, stop_strings=["\n", "."])
+    return [{"index": 1, "strategy": "generation_params", "status": "rejected", "gain": gain,
+             "setting_only": True, "candidate": cand.to_dict(),
+             "paired": {benchmark: {"diff": gain, "p_value": 0.01}}}]
+
+
+def history_for(name: str) -> list[dict]:
+    """An empty history, or one with a winning setting for strategies that wait for it."""
+    return [] if strategies.get(name).waiting([]) is None else winning_history()
+
+
 # ---------------------------------------------------------------- conformance suite
 
 NAMES = strategies.names()
@@ -204,7 +221,7 @@ NAMES = strategies.names()
 
 @pytest.mark.parametrize("name", NAMES)
 def test_conformance_candidate_is_valid(name, tmp_path, fake_data, world):
-    ctx, _ = make_ctx(tmp_path, fake_data, world.protected)
+    ctx, _ = make_ctx(tmp_path, fake_data, world.protected, history=history_for(name))
     cand = strategies.get(name).propose(ctx)
     assert isinstance(cand, Candidate) and cand.strategy == name
     assert set(cand.eval_configs) == set(BENCHMARKS)
@@ -221,7 +238,7 @@ def test_conformance_candidate_is_valid(name, tmp_path, fake_data, world):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_conformance_cost_is_positive_seconds(name, tmp_path, fake_data, world):
-    ctx, _ = make_ctx(tmp_path, fake_data, world.protected)
+    ctx, _ = make_ctx(tmp_path, fake_data, world.protected, history=history_for(name))
     strategy = strategies.get(name)
     cost = strategy.estimate_cost(ctx)
     assert isinstance(cost, float) and math.isfinite(cost) and cost > 0
@@ -231,7 +248,8 @@ def test_conformance_cost_is_positive_seconds(name, tmp_path, fake_data, world):
 @pytest.mark.parametrize("name", NAMES)
 def test_conformance_deterministic_under_seed(name, tmp_path, fake_data, world):
     def run(sub: str) -> str:
-        ctx, _ = make_ctx(tmp_path / sub, fake_data, world.protected, seed=7)
+        ctx, _ = make_ctx(tmp_path / sub, fake_data, world.protected, seed=7,
+                          history=history_for(name))
         text = json.dumps(strategies.get(name).propose(ctx).to_dict(), sort_keys=True)
         return text.replace(str(ctx.workdir.resolve()), "W").replace(str(ctx.workdir), "W")
 
@@ -241,7 +259,8 @@ def test_conformance_deterministic_under_seed(name, tmp_path, fake_data, world):
 @pytest.mark.parametrize("time_left", [900.0, 120.0, 45.0, 5.0])
 @pytest.mark.parametrize("name", NAMES)
 def test_conformance_respects_the_time_given(name, time_left, tmp_path, fake_data, world):
-    ctx, fakes = make_ctx(tmp_path, fake_data, world.protected, time_left=time_left)
+    ctx, fakes = make_ctx(tmp_path, fake_data, world.protected, time_left=time_left,
+                          history=history_for(name))
     start = fakes.t
     try:
         strategies.get(name).propose(ctx)
@@ -281,7 +300,7 @@ def test_every_registered_strategy_has_its_own_tests():
 
 
 def test_registry_lists_the_valid_names_on_an_unknown_one():
-    with pytest.raises(KeyError, match="valid: answer_format_sft, generation_params"):
+    with pytest.raises(KeyError, match="valid: answer_format_sft, context_distill, generation_params"):
         strategies.get("nope")
 
 

@@ -393,11 +393,13 @@ def test_4bit_nf4_on_cpu_trains_saves_and_reloads(tiny_vlm_factory, tmp_path):
 # ---------------------------------------------------------------- the command
 
 def test_train_command_on_a_jsonl_file(tiny_vlm_dir, tmp_path, capsys):
+    from core.demo.world import ensure_demo_world
     from core.sft import write_sft_jsonl
     from loop.cli import main
 
     path = write_sft_jsonl(_records(8), tmp_path / "data" / "sft.jsonl")
     rc = main(["-q", "train", "--source", str(path), "--model", str(tiny_vlm_dir),
+               "--data-dir", str(ensure_demo_world().data_dir),  # the guard's evaluation data
                "--steps", "2", "--batch-size", "4", "--lr", "5e-3", "--gpu", "cpu",
                "--eval-limit", "0", "--out", str(tmp_path / "cli"), "--json"])
     report = json.loads(capsys.readouterr().out)

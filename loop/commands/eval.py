@@ -25,6 +25,9 @@ def add_parser(sub) -> None:
     add_eval_args(p, benchmark_required=True)
     p.add_argument("--show", type=int, default=0, metavar="K",
                    help="also print K example answers")
+    p.add_argument("--samples", action="store_true",
+                   help="with --json, also print every per-sample output (prompt, output, "
+                   "parsed answer, correct), as recorded in --db")
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -59,6 +62,12 @@ def check_eval_args(args: argparse.Namespace) -> None:
 
 def evaluate_from_args(args: argparse.Namespace):
     """Load the data split and the model the flags name, evaluate; (examples, result, sources)."""
+    examples, result, sources, _ = evaluate_model_from_args(args)
+    return examples, result, sources
+
+
+def evaluate_model_from_args(args: argparse.Namespace):
+    """:func:`evaluate_from_args`, and the loaded VLM too."""
     from core.data import load_benchmark
     from core.evaluate import EvalConfig, evaluate
     from core.splits import make_splits, stratified_subset
@@ -81,14 +90,21 @@ def evaluate_from_args(args: argparse.Namespace):
     vlm = load_model_for(sources.model, args.gpu, adapter=_adapter_path(args))
     result = evaluate(vlm, examples, EvalConfig(mode=args.mode), batch_size=args.batch_size,
                       progress=not args.quiet and not args.json)
-    return examples, result, sources
+    return examples, result, sources, vlm
 
 
 def run(args: argparse.Namespace) -> int:
+    from core.exceptions import UserError
+
     check_eval_args(args)
-    _, result, sources = evaluate_from_args(args)
+    if args.samples and not args.json:
+        raise UserError("`--samples` adds every per-sample output to the JSON: add `--json`")
+    _, result, sources, vlm = evaluate_model_from_args(args)
+    model = describe_model(vlm, _adapter_path(args))
+    eval_id = record(args, result, model)
     out = {"benchmark": args.benchmark, "split": args.split, "model": sources.model,
-           "adapter": args.adapter, **result.to_dict()}
+           "adapter": args.adapter, "model_info": model, "eval_id": eval_id, "db": args.db,
+           **result.to_dict(with_samples=args.samples)}
     if args.json:
         print_json(out)
     else:
@@ -97,6 +113,32 @@ def run(args: argparse.Namespace) -> int:
             mark = "+" if s["correct"] else "-"
             print(f"{mark} {s['question']} | gold: {s['answer']} | model: {s['output']!r}")
     return 0
+
+
+def describe_model(vlm, adapter_path: str | None) -> dict:
+    """What was evaluated: the source, the vocabulary, image tokens per image, the adapter."""
+    text = getattr(vlm.model.config, "text_config", vlm.model.config)
+    return {"source": str(vlm.source), "vocab_size": getattr(text, "vocab_size", None),
+            "tokenizer_size": len(vlm.tokenizer), "image_tokens": vlm.n_image_tokens,
+            "adapter": adapter_path}
+
+
+def record(args: argparse.Namespace, result, model: dict) -> int:
+    """Store the evaluation and every per-sample output in ``--db`` (role "manual")."""
+    from loop.store import Store
+
+    adapter_id = int(args.adapter) if args.adapter and args.adapter.isdigit() else None
+    with Store(args.db) as store:
+        eval_id = store.add_evaluation(
+            run_id=None, cycle_index=None, role="manual", benchmark=args.benchmark,
+            split=args.split, protocol=result.protocol, metrics=result.metrics, n=result.n,
+            seconds=result.seconds, adapter_id=adapter_id,
+            candidate={"strategy": "manual", "model": model, "limit": args.limit,
+                       "seed": args.seed, "eval_configs": {args.benchmark: result.config},
+                       "adapter_path": model["adapter"]})
+        store.add_predictions(eval_id, result.samples)
+    log.info("evaluation %d and its %d predictions recorded in %s", eval_id, result.n, args.db)
+    return eval_id
 
 
 def _adapter_path(args) -> str | None:

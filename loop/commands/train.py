@@ -87,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
     profile.log_reasons()
     sources = sources_from_args(args)
     limit = args.limit or (args.steps * args.batch_size if args.steps else None)
-    records, skipped = load_records(args.source or ["gqa_train"], sources.data, limit, args.seed)
+    protected = evaluation_keys(sources.data)
+    records, skipped, guard = load_records(args.source or ["gqa_train"], sources.data, limit,
+                                           args.seed, protected)
     if not records:
         raise UserError(f"no training records with a readable image (skipped: {skipped})")
     dev = _dev_examples(sources.data, args.eval_limit, args.seed)
@@ -100,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
         result.skipped[key] = result.skipped.get(key, 0) + n
     after = _evaluate(vlm, dev, profile, args) if dev and result.ok else None
     report = {"model": sources.model, "profile": profile.name, "records": len(records),
-              "train": result.to_dict(), "eval_before": before, "eval_after": after}
+              "guard": guard, "train": result.to_dict(), "eval_before": before,
+              "eval_after": after}
     if args.json:
         print_json(report)
     else:
@@ -119,23 +122,44 @@ def _duration(text: str) -> float:
                         f"but got '{text}'") from None
 
 
-def load_records(names: list[str], data, limit: int | None, seed: int):
-    """SFT records from each source, at most ``limit`` per source; and what was skipped."""
+def evaluation_keys(data):
+    """The leakage guard's keys of every evaluation image and question (both benchmarks)."""
+    from core.data import load_benchmark
+    from core.exceptions import DataError, UserError
+    from strategies.guard import prepare, protected_keys
+
+    examples = []
+    for benchmark in ("gqa_ru", "mmbench_ru"):
+        try:
+            examples += load_benchmark(benchmark, data)
+        except (UserError, DataError) as exc:
+            raise UserError(f"the leakage guard compares training data with every {benchmark} "
+                            f"evaluation image and question, and cannot read them: {exc}") from None
+    return prepare(protected_keys(examples, digests=True))
+
+
+def load_records(names: list[str], data, limit: int | None, seed: int, protected):
+    """SFT records from each source, at most ``limit`` per source, that pass the leakage guard
+    (``protected``: ``strategies.guard.prepare`` keys); what was skipped; what the guard refused
+    per source."""
     import random
     from collections import Counter
     from pathlib import Path
 
     from core.exceptions import UserError
     from core.sft import gqa_records, llava_instruct_records, load_sft_jsonl
+    from strategies.guard import screen, template_questions
 
-    records, skipped = [], Counter()
+    records, skipped, guard = [], Counter(), {}
     for name in names:
         rng = random.Random(seed)
+        templates: set[str] = set()
         if name == "gqa_train":
             from core.data import load_gqa
 
-            rows = _pick(load_gqa(data.gqa, "train"), limit, rng)
-            records += gqa_records(rows, stats=skipped)
+            pool = load_gqa(data.gqa, "train")
+            templates = template_questions(pool)
+            part = gqa_records(_pick(pool, limit, rng), stats=skipped)
         elif name == "llava_instruct":
             from core.data import load_llava_instruct
 
@@ -143,13 +167,18 @@ def load_records(names: list[str], data, limit: int | None, seed: int):
                 raise UserError("`--source llava_instruct` needs `--coco-dir`: the dataset has no "
                                 "images, its records name COCO files")
             rows = _pick(load_llava_instruct(data.instruct, data.coco_dir), limit, rng)
-            records += llava_instruct_records(rows, data.coco_dir)
+            part = llava_instruct_records(rows, data.coco_dir)
         elif name.endswith(".jsonl") or Path(name).exists():
-            records += _pick(load_sft_jsonl(name), limit, rng)
+            part = _pick(load_sft_jsonl(name), limit, rng)
         else:
             raise UserError(f"`--source` must be one of {', '.join(SOURCES)} or a .jsonl file "
                             f"of SFT records, but got '{name}'")
-    return records, dict(skipped)
+        part, guard[name] = screen(part, protected, source=f"`--source {name}`",
+                                   allowed_questions=templates)
+        if guard[name]["refused"]:
+            skipped["leakage_refused"] += guard[name]["refused"]
+        records += part
+    return records, dict(skipped), guard
 
 
 def _pick(rows: list, limit: int | None, rng) -> list:
@@ -194,7 +223,8 @@ def render(report: dict) -> str:
             ["tokens/s", t["tokens_per_s"]], ["seconds", round(t["seconds"], 1)],
             ["peak memory", f"{t['peak_memory_gb']} GB ({t['memory_kind']})"],
             ["micro-batch", f"{t['micro_batch_size']} (OOM retries {t['oom_retries']})"],
-            ["skipped", t["skipped"] or "-"]]
+            ["skipped", t["skipped"] or "-"],
+            ["leakage guard", _guard_line(report.get("guard") or {})]]
     lines = [format_table(["training", report["profile"]], rows)]
     if report["eval_before"]:
         evals = [["before", *_eval_row(report["eval_before"])]]
@@ -205,6 +235,14 @@ def render(report: dict) -> str:
         for q, gold, out in (report["eval_after"] or report["eval_before"])["examples"]:
             lines.append(f"  {q} | gold: {gold} | model: {out!r}")
     return "\n".join(lines)
+
+
+def _guard_line(guard: dict) -> str:
+    checked = sum(g["checked"] for g in guard.values())
+    refused = sum(g["refused"] for g in guard.values())
+    first = next((g["first"][0] for g in guard.values() if g["first"]), None)
+    text = f"{refused} of {checked} records refused"
+    return text + (f" (first: '{first['record']}', {first['reason']})" if first else "")
 
 
 def _loss(curve: list[float]) -> str:

@@ -1,0 +1,175 @@
+"""Remedy ``context_distill``: turn a winning prompt or decoding setting into an adapter.
+
+Under ``--objective benchmark`` a candidate is judged by the exact lmms-eval protocol, so a
+prompt or decoding setting that wins on dev cannot become champion by itself. Context
+distillation (Askell et al. 2021, "A General Language Assistant as a Laboratory for
+Alignment"; Snell et al. 2022, "Learning by Distilling Context") moves what the setting does
+into the weights: the model answers TRAINING questions under the winning setting, and a LoRA
+adapter learns to give those answers to the standard lmms-eval prompt.
+
+- The setting: the history's setting-only candidate (``setting_only``) on the current champion
+  whose paired gain on dev was positive, the best one when there are several. The benchmarks
+  whose settings it changed, with a positive paired difference, are distilled.
+- The questions: GQA-ru ``train_balanced`` only: one-word questions for GQA-ru, multiple
+  choice built from them (as ``strategies.sft_data`` builds it) for MMBench-ru. Nothing from
+  an evaluation split: the builder's leakage guard checks every record.
+- The answers: the model's own (``ctx.evaluate`` with the winning ``EvalConfig`` on those
+  training examples); for MMBench-ru the parsed letter, so the adapter answers as lmms-eval
+  parses.
+- The candidate: the new adapter with the default (lmms-eval) settings on both benchmarks.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+
+from core.evaluate import EvalConfig
+from core.train import TrainConfig
+from strategies.base import BENCHMARKS, Candidate, Context, ProposalFailed, Strategy
+from strategies.common import DATA_S_PER_RECORD, MIN_STEPS, Clock, attempts, plan_training
+from strategies.generation_params import GenerationParams
+from strategies.prompt_constraints import PromptConstraints
+from strategies.sft_data import SFTDataBuilder
+
+log = logging.getLogger(__name__)
+
+TIME_SHARE = 0.5
+"""Share of the time left after the candidate's dev evaluation for generation and training."""
+RANK, DROPOUT = 16, 0.05
+
+
+def winning_setting(ctx: Context) -> tuple[dict, list[str]] | None:
+    """The best setting-only history entry on the champion with a positive paired gain, and
+    the benchmarks it improved; None when there is none."""
+    best = None
+    for entry in ctx.history:
+        cand = entry.get("candidate") or {}
+        if not entry.get("setting_only") or (entry.get("gain") or 0.0) <= 0:
+            continue
+        if cand.get("adapter_path") != ctx.champion.adapter_path:
+            continue
+        champion = {b: c.to_dict() for b, c in ctx.champion.eval_configs.items()}
+        won = [b for b in BENCHMARKS
+               if (cand.get("eval_configs") or {}).get(b, champion[b]) != champion[b]
+               and ((entry.get("paired") or {}).get(b) or {}).get("diff", 0.0) > 0]
+        if won and (best is None or entry["gain"] > best[0]["gain"]):
+            best = (entry, won)
+    return best
+
+
+class ContextDistill(Strategy):
+    """Generate answers under the winning setting on training questions, train one adapter."""
+
+    name = "context_distill"
+    family = "sft"
+    trains = True
+    summary = "LoRA on the model's own answers under a winning prompt/decoding setting"
+    addresses = {label: max(PromptConstraints.addresses.get(label, 0.0),
+                            GenerationParams.addresses.get(label, 0.0))
+                 for label in {**PromptConstraints.addresses, **GenerationParams.addresses}}
+
+    @classmethod
+    def waiting(cls, history: list[dict]) -> str | None:
+        if any(h.get("setting_only") and (h.get("gain") or 0.0) > 0 for h in history):
+            return None
+        return "waits for a prompt or decoding setting that wins on dev"
+
+    def budget(self, ctx: Context) -> float:
+        return TIME_SHARE * (ctx.time_left_s - self.eval_cost(ctx)) - ctx.rates.load_s
+
+    def n_records(self, ctx: Context, benchmarks: list[str]) -> int:
+        """Records whose generation and one training pass fit the budget."""
+        gen = sum(ctx.rates.eval_s_per_sample[b] for b in benchmarks) / len(benchmarks)
+        per = gen + ctx.rates.train_s_per_sample + DATA_S_PER_RECORD
+        return int(max(0.0, self.budget(ctx)) / per)
+
+    def propose(self, ctx: Context) -> Candidate:
+        clock = Clock(ctx)
+        found = winning_setting(ctx)
+        if found is None:
+            raise ProposalFailed("no prompt or decoding setting has won on dev with this "
+                                 "champion: nothing to distill")
+        entry, benchmarks = found
+        n = self.n_records(ctx, benchmarks)
+        if n < MIN_STEPS:
+            raise ProposalFailed(f"context_distill needs time to generate and train on "
+                                 f"{MIN_STEPS} records, but only {ctx.time_left_s:.0f} s are left")
+        k = attempts(ctx, self.name)
+        seed = ctx.seed * 1000 + k
+        rng = random.Random(seed)
+        builder, stats = SFTDataBuilder(ctx), Counter()
+        winning = {b: EvalConfig(**entry["candidate"]["eval_configs"][b]) for b in benchmarks}
+        records, agreement = [], {}
+        for i, b in enumerate(benchmarks):
+            want = n // len(benchmarks) + (i < n % len(benchmarks))
+            base = (builder.short_answers(want, rng, EvalConfig(), stats) if b == "gqa_ru"
+                    else builder.choices(want, rng, EvalConfig(), stats))
+            if not base:
+                continue
+            result = ctx.evaluate(b, winning[b], adapter_path=ctx.champion.adapter_path,
+                                  examples=[_example(r, b, j) for j, r in enumerate(base)])
+            kept = _distilled(base, result.samples, b)
+            agreement[b] = {"records": len(kept), "gold_agreement": round(
+                sum(s.get("correct", False) for s in result.samples) / len(base), 4)}
+            records += kept
+        if not records:
+            raise ProposalFailed(f"no distillation records could be built: {dict(stats)}")
+        plan = plan_training(ctx, self.budget(ctx) - clock.elapsed())
+        deadline_s = min(clock.left(reserve=self.eval_cost(ctx)), self.budget(ctx) - clock.elapsed())
+        if plan is None or deadline_s <= 0:
+            raise ProposalFailed(f"generating the answers took {clock.elapsed():.0f} s; no time "
+                                 "is left to train")
+        rng.shuffle(records)
+        config = TrainConfig(steps=plan.steps, batch_size=plan.batch_size, lr=ctx.train_lr,
+                             rank=RANK, alpha=2 * RANK, dropout=DROPOUT, seed=seed)
+        log.info("context_distill: %d records distilled from cycle %s (%s), %d steps",
+                 len(records), entry.get("index"), ", ".join(benchmarks), plan.steps)
+        adapter_path, result = ctx.train(records, config, name=f"c{ctx.cycle}-context-distill",
+                                         deadline_s=deadline_s)
+        status = getattr(result, "status", "unknown")
+        if adapter_path is None:
+            raise ProposalFailed(f"training the distilled adapter failed ({status}): "
+                                 f"{getattr(result, 'error', None)}")
+        result_dict = result.to_dict() if hasattr(result, "to_dict") else dict(result or {})
+        return ctx.champion.derive(
+            self.name, f"LoRA r{RANK} distilling cycle {entry.get('index')}'s "
+            f"{', '.join(benchmarks)} setting into {len(records)} records, {plan.steps} steps",
+            eval_configs={b: EvalConfig() for b in BENCHMARKS},
+            adapter_path=str(adapter_path), adapter_id=None,
+            train={"config": config.to_dict(), "result": result_dict},
+            details={"source_cycle": entry.get("index"), "benchmarks": benchmarks,
+                     "winning_configs": {b: c.to_dict() for b, c in winning.items()},
+                     "paired": entry.get("paired"), "data": agreement,
+                     "stats": dict(sorted(stats.items())), "attempt": k,
+                     "train_status": status, "parent_adapter": ctx.champion.adapter_path})
+
+    def estimate_cost(self, ctx: Context) -> float:
+        return self.eval_cost(ctx) + ctx.rates.load_s + max(
+            self.budget(ctx), MIN_STEPS * (ctx.rates.train_s_per_sample + DATA_S_PER_RECORD))
+
+
+def _example(record: dict, benchmark: str, j: int) -> dict:
+    """The evaluation-format example of a builder record (its image is the written file)."""
+    meta = record["meta"]
+    ex = {"benchmark": benchmark, "id": record["id"], "question": meta["question"],
+          "answer": record["conversations"][1]["value"], "_image": lambda p=record["image"]: p}
+    if benchmark == "mmbench_ru":
+        ex.update(index=j, hint=None, options=meta["options"], category="distill")
+    return ex
+
+
+def _distilled(records: list[dict], samples: list[dict], benchmark: str) -> list[dict]:
+    """The records with the model's own answer (MMBench-ru: the parsed letter) as the target."""
+    out = []
+    for record, sample in zip(records, samples):
+        answer = sample.get("parsed") if benchmark == "mmbench_ru" else sample.get("output")
+        answer = str(answer or "").strip()
+        if not answer:
+            continue
+        conv = [dict(record["conversations"][0]), {"from": "gpt", "value": answer}]
+        out.append({**record, "id": record["id"].replace("gqa-", "distill-", 1),
+                    "conversations": conv, "source": f"context_distill_{benchmark}",
+                    "meta": {**record["meta"], "gold": record["conversations"][1]["value"]}})
+    return out
