@@ -195,3 +195,59 @@ def test_system_prompt_template_labels_only_the_assistant(saiga_dir, tmp_path):
         images=_image(), add_special_tokens=False)["input_ids"][0]
     assert list(whole) == enc.input_ids
     assert tok.decode(enc.input_ids).count(st.DEFAULT_SYSTEM) == 1
+
+
+# ---------------------------------------------------------------- the trained world
+
+@pytest.fixture(scope="session")
+def world():
+    return st.ensure_saiga_tiny()
+
+
+@pytest.mark.slow
+def test_generation_stops_on_eot_without_assistant_text(world):
+    import torch
+
+    from core.model import load_vlm
+
+    vlm = load_vlm(world.model_dir)
+    texts = ["Какого цвета фигура слева?\nОтветь одним словом.", "Сколько фигур на картинке?"]
+    images = [_image(), _image((30, 60, 220))]
+    inputs = vlm._inputs([vlm.chat_prompt(t) for t in texts], images)
+    with torch.inference_mode():
+        out = vlm.model.generate(**inputs, max_new_tokens=16, do_sample=False,
+                                 eos_token_id=vlm.stop_ids, pad_token_id=vlm.tokenizer.pad_token_id)
+    new = out[:, inputs["input_ids"].shape[1]:]
+    assert all(128009 in row.tolist() for row in new), new  # it stopped, on <|eot_id|>
+    answers = vlm.generate(texts, images)
+    assert all(a and "assistant" not in a and "<|" not in a for a in answers), answers
+
+
+@pytest.mark.slow
+def test_eval_cli_both_benchmarks_and_modes(world, capsys):
+    from loop.cli import main
+
+    for benchmark, mode in (("gqa_ru", "generate"), ("mmbench_ru", "generate"),
+                            ("mmbench_ru", "likelihood")):
+        rc = main(["-q", "eval", "--preset", "saiga-tiny", "--benchmark", benchmark, "--limit",
+                   "16", "--batch-size", "8", "--mode", mode, "--gpu", "cpu", "--json",
+                   "--db", ":memory:"])
+        report = json.loads(capsys.readouterr().out)
+        assert rc == 0 and report["n"] > 0 and 0 <= report["accuracy"] <= 1, report
+
+
+@pytest.mark.slow
+def test_nf4_loading_on_cpu(world):
+    import bitsandbytes as bnb
+
+    from core.device import resolve_profile
+    from core.model import load_vlm
+
+    vlm = load_vlm(world.model_dir,
+                   options=resolve_profile("cpu", gpu=None, load_in_4bit=True).load_options())
+    quantized = [n for n, m in vlm.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantized and all(".language_model." in n for n in quantized)
+    assert vlm.n_image_tokens == 576
+    assert vlm.generate(["Какого цвета фигура слева?\nОтветь одним словом."], [_image()])
+    scores = vlm.option_logprobs(["Какого цвета фигура?"], [_image()], [["красный", "синий"]])
+    assert len(scores[0]) == 2
