@@ -6,14 +6,15 @@ PIP    := $(VENV)/bin/pip
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean constraints
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# CPU torch first, then everything else with torch pinned, so pip never pulls a CUDA build.
+	# CPU torch first, then everything else with torch pinned, so pip never pulls a CUDA build;
+	# constraints.txt pins every other package, so two fresh machines get the same versions.
 	$(PIP) install -q "$(TORCH)"
 	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/constraints.txt
-	$(PIP) install -q -c $(VENV)/constraints.txt -e ".[dev]"
+	$(PIP) install -q -c $(VENV)/constraints.txt -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -32,6 +33,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/eval_speed.py
+
+# After an upgrade in a working venv: rewrite constraints.txt from the installed versions.
+constraints: $(STAMP)
+	$(PY) .ci/constraints.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache

@@ -328,6 +328,9 @@ def t4_estimate(*, text_tokens: int = 64, answer_tokens: int = 16, train_text_to
 def t4_priors() -> dict[str, float]:
     """Cost-model priors for LLaVA-Saiga-8B on a T4 with the t4 profile (see t4_estimate).
 
+    Derived, not yet measured: ``bench/full_scale.py`` measures them on a lent GPU (the full
+    architecture with random weights, the t4 profile capped to a T4's memory) and writes JSON.
+
     Keys: eval_s_per_sample, train_s_per_sample, train_memory_gb, eval_memory_gb, load_s,
     train_tokens_per_sample, eval_tokens_per_sample, mfu.
     """

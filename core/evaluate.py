@@ -30,6 +30,7 @@ from core.metrics import (
     gqa_match,
     wilson_interval,
 )
+from core.oom import free_memory, is_oom
 
 log = logging.getLogger(__name__)
 
@@ -178,27 +179,27 @@ def evaluate(vlm, examples: list[dict], config: EvalConfig | None = None, *,
     t0 = time.perf_counter()
     bar = tqdm(total=len(examples), desc=f"eval {benchmark}", unit="q", disable=not progress,
                leave=False)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+    start, size = 0, batch_size
+    while start < len(order):
+        idx = order[start:start + size]
         images, oks = [], []
         for i in idx:
             img, ok = load_image(examples[i])
             images.append(img if ok else _blank(vlm))
             oks.append(ok)
         tb = time.perf_counter()
-        if config.mode == "likelihood":
-            opts = [list(examples[i]["options"].values()) for i in idx]
-            scores = vlm.option_logprobs([prompts[i] for i in idx], images, opts)
-            letters = [list(examples[i]["options"])[max(range(len(s)), key=s.__getitem__)]
-                       for i, s in zip(idx, scores)]
-            outputs = [examples[i]["options"][letter] for i, letter in zip(idx, letters)]
-        else:
-            outputs = vlm.generate([prompts[i] for i in idx], images, max_new_tokens=max_new,
-                                   num_beams=config.num_beams,
-                                   repetition_penalty=config.repetition_penalty,
-                                   stop_strings=stops or None,
-                                   prefix_cache=prefix_cache)
-            letters = [None] * len(idx)
+        try:
+            outputs, letters = _answer(vlm, config, examples, prompts, idx, images, max_new, stops,
+                                       prefix_cache)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
+            if not is_oom(exc) or size == 1:
+                raise
+            free_memory(vlm.device)
+            size //= 2
+            log.warning("out of memory at evaluation batch %d (%s): retrying with batch %d",
+                        2 * size, str(exc).splitlines()[0][:120] if str(exc) else "", size)
+            continue
+        start += len(idx)
         per = (time.perf_counter() - tb) / len(idx)
         for i, out, letter, ok in zip(idx, outputs, letters, oks):
             samples[i] = _score(examples[i], prompts[i], out, letter, ok, per)
@@ -218,6 +219,22 @@ def image_group(example: dict) -> str:
     if example["benchmark"] == "gqa_ru":
         return f"gqa:{example['imageId']}"
     return f"mmb:{int(example['index']) % ROTATION_BASE:09d}"
+
+
+def _answer(vlm, config: EvalConfig, examples, prompts, idx, images, max_new, stops,
+            prefix_cache):
+    """Outputs (and, in likelihood mode, the chosen letters) for one batch."""
+    if config.mode == "likelihood":
+        opts = [list(examples[i]["options"].values()) for i in idx]
+        scores = vlm.option_logprobs([prompts[i] for i in idx], images, opts)
+        letters = [list(examples[i]["options"])[max(range(len(s)), key=s.__getitem__)]
+                   for i, s in zip(idx, scores)]
+        return [examples[i]["options"][letter] for i, letter in zip(idx, letters)], letters
+    outputs = vlm.generate([prompts[i] for i in idx], images, max_new_tokens=max_new,
+                           num_beams=config.num_beams,
+                           repetition_penalty=config.repetition_penalty,
+                           stop_strings=stops or None, prefix_cache=prefix_cache)
+    return outputs, [None] * len(idx)
 
 
 def _blank(vlm):

@@ -128,15 +128,25 @@ class VLM:
         inputs = self._inputs(full, [img for _, _, img in pairs])
         cont_lens = [len(tok(c, add_special_tokens=False)["input_ids"]) for _, c, _ in pairs]
         self.prefill_positions += inputs["input_ids"].numel()
-        with torch.inference_mode():
-            logits = self.model(**inputs).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        target = inputs["input_ids"][:, 1:]
-        token_lp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        # The LM head runs only at the option tokens, one row at a time: with a 128k vocabulary,
+        # [rows, seq, vocab] logits would not fit (rows are left-padded, so options end last).
+        base = self._base()
+        ids = inputs["input_ids"]
+        width = ids.shape[1]
         scores: list[list[float]] = [[] for _ in texts]
-        for row, (owner, n) in enumerate(zip(owners, cont_lens)):
-            scores[owner].append(float(token_lp[row, -n:].mean()))
+        with torch.inference_mode():
+            hidden = base.model(**inputs).last_hidden_state
+            for row, (owner, n) in enumerate(zip(owners, cont_lens)):
+                logits = base.lm_head(hidden[row, width - 1 - n:width - 1]).float()
+                logp = torch.log_softmax(logits, dim=-1)
+                target = ids[row, width - n:]
+                scores[owner].append(float(logp.gather(-1, target[:, None]).mean()))
         return scores
+
+    def _base(self):
+        """The LlavaForConditionalGeneration under any PEFT wrapper (adapters stay in effect)."""
+        unwrap = getattr(self.model, "get_base_model", None)  # PeftModel
+        return unwrap() if unwrap is not None else self.model
 
     # ------------------------------------------------------------ adapters
 
@@ -202,6 +212,8 @@ def load_vlm(source: str | Path, *, options: LoadOptions | None = None,
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    from core.checkpoint import ensure_pad_token, fill_processor_fields
+
     options = options or LoadOptions()
     source = str(source)
     kwargs: dict[str, Any] = {"dtype": getattr(torch, options.dtype),
@@ -226,6 +238,8 @@ def load_vlm(source: str | Path, *, options: LoadOptions | None = None,
             raise
         raise UserError(f"'{source}' is not a complete LLaVA model folder: "
                         f"{type(exc).__name__}: {str(exc)[:300]}") from None
+    fill_processor_fields(processor, model.config)
+    ensure_pad_token(processor.tokenizer, model.config)
     if not options.load_in_4bit:
         model.to(options.device)
     model.eval()

@@ -22,7 +22,6 @@ Guards, in the order they act:
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import random
@@ -51,6 +50,7 @@ from core.lora import (
     save_adapter,
     trainable_parameters,
 )
+from core.oom import free_memory, is_oom
 from core.processor import LLaVADataProcessor
 from core.sft import data_fingerprint, validate_records
 
@@ -430,11 +430,11 @@ def _run_step(ctx: _Ctx, batch: list, state: _State) -> float:
         try:
             return _accumulate(ctx, batch, state)
         except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
-            if not _is_oom(exc):
+            if not is_oom(exc):
                 raise
             message = str(exc).splitlines()[0][:200]
         ctx.opt.zero_grad(set_to_none=True)
-        _free_memory(ctx.device)
+        free_memory(ctx.device)
         if state.micro_batch_size == 1:
             raise _OutOfMemory(f"out of memory at micro-batch 1 ({message}); shorten "
                                "`max_length` or use a smaller profile")
@@ -503,22 +503,6 @@ def _packed(vlm, records: list[dict], max_length: int) -> list[dict]:
              len(records), len(packed), image_tokens_per_question(records, vlm.n_image_tokens),
              image_tokens_per_question(packed, vlm.n_image_tokens))
     return packed
-
-
-def _is_oom(exc: BaseException) -> bool:
-    import torch
-
-    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-    return isinstance(exc, oom) or (isinstance(exc, RuntimeError)
-                                    and "out of memory" in str(exc).lower())
-
-
-def _free_memory(device) -> None:
-    import torch
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------- set-up helpers

@@ -50,6 +50,9 @@ def priors(preset: str, profile: str) -> CostRates:
     if preset == "demo":
         return CostRates(eval_s_per_sample={"gqa_ru": 0.02, "mmbench_ru": 0.03},
                          train_s_per_sample=0.02, load_s=3.0)
+    if preset == "saiga-tiny":  # 576 image tokens and a 128k vocabulary on 2 CPU cores
+        return CostRates(eval_s_per_sample={"gqa_ru": 0.1, "mmbench_ru": 0.12},
+                         train_s_per_sample=0.1, load_s=3.0)
     from core.device import t4_priors
 
     t4 = t4_priors()

@@ -91,7 +91,7 @@ class RunConfig:
 
 
 # The usual LoRA learning rate of each preset's base model (strategies may search around it).
-TRAIN_LR = {"saiga": 2e-4, "demo": 2e-3}
+TRAIN_LR = {"saiga": 2e-4, "demo": 2e-3, "saiga-tiny": 1e-3}
 
 
 class Loop:

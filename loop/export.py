@@ -144,7 +144,7 @@ def error_analysis(report: Report) -> dict[str, Any]:
 def model_card(report: Report, adapter: dict[str, Any], results: dict[str, Any],
                metadata: dict[str, Any], champion_candidates: dict[str, dict]) -> str:
     """A Hugging Face style model card (README.md) for the exported adapter."""
-    run, demo = report.run, report.run["preset"] == "demo"
+    run, demo = report.run, report.run["preset"] in ("demo", "saiga-tiny")
     base = (metadata.get("base_model") or {}).get("id") or BASE_MODEL
     header = ["---"] + ([] if demo else [f"base_model: {BASE_MODEL}"])
     header += ["library_name: peft", "language:", "- ru", "pipeline_tag: image-text-to-text",

@@ -76,6 +76,7 @@ def make_plan(budget_s: float, preset: str, gpu: str, reserve: float = 0.2) -> d
     return {
         "budget": fmt_s(budget_s), "budget_s": budget_s, "preset": preset, "gpu": gpu,
         "priors_source": "measured on 2 CPU cores with the tiny model" if preset == "demo"
+        else "loop run on 2 CPU cores with saiga-tiny" if preset == "saiga-tiny"
         else "core.device.t4_priors (parameter counts, T4 fp16 rate and bandwidth)"
         + ("" if gpu == "t4" else f", scaled for {gpu}"),
         "summary": {"reserve for final evaluation + report": fmt_s(budget.reserve_s),

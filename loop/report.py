@@ -91,7 +91,7 @@ def build_report(store: Store, run_id: int | None = None) -> Report:
         run["id"], role=f"final_{role}", split="final")} for role, _ in ROLES}
     benches = benchmarks_of([run["final"] or {}, run["baseline"] or {}, dev_base,
                              *finals.values(), *[c["dev"] or {} for c in cycles]])
-    demo = run["preset"] == "demo"
+    demo = run["preset"] in ("demo", "saiga-tiny")
     headline, analysis = {}, {}
     for bench in benches:
         headline[bench] = {role: _measure(finals[role].get(bench), run, role, bench, demo)

@@ -17,11 +17,18 @@ class Sources:
 
 def resolve_sources(preset: str = "saiga", model: str | None = None, data_dir: str | None = None,
                     coco_dir: str | None = None, seed: int = 0) -> Sources:
-    """The demo preset builds (or reuses) the embedded world; saiga points at the hub ids."""
+    """demo and saiga-tiny build (or reuse) their embedded world; saiga points at the hub ids."""
     if preset == "demo":
         from core.demo.world import ensure_demo_world
 
         world = ensure_demo_world()  # the world is fixed; --seed varies splits and training
+        return Sources(preset, model or str(world.model_dir),
+                       DataSources.from_dir(data_dir or world.data_dir,
+                                            coco_dir or world.coco_dir))
+    if preset == "saiga-tiny":
+        from core.demo.saiga_tiny import ensure_saiga_tiny
+
+        world = ensure_saiga_tiny()
         return Sources(preset, model or str(world.model_dir),
                        DataSources.from_dir(data_dir or world.data_dir,
                                             coco_dir or world.coco_dir))

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 DEFAULT_DB = "experiments.db"
-PRESETS = ("demo", "saiga")
+PRESETS = ("demo", "saiga", "saiga-tiny")
 GPU_PROFILES = ("auto", "t4", "a100", "h100", "cpu")
 BENCHMARKS = ("gqa_ru", "mmbench_ru")
 
@@ -26,7 +26,9 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
     """--preset, --model, --data-dir, --coco-dir: where the weights and the data come from."""
     parser.add_argument("--preset", choices=PRESETS, default="saiga",
                         help="saiga: deepvk/llava-saiga-8b and the deepvk datasets (default); "
-                        "demo: the bundled tiny VLM and synthetic Russian data, CPU-friendly")
+                        "demo: the bundled tiny VLM and synthetic Russian data, CPU-friendly; "
+                        "saiga-tiny: the real checkpoint's structure and files at tiny width "
+                        "(576 image tokens, 128k vocabulary), for shapes, memory and loading")
     parser.add_argument("--model", metavar="ID_OR_PATH",
                         help="model hub id or local folder (overrides the preset's model)")
     parser.add_argument("--data-dir", metavar="DIR",

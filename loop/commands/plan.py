@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from loop.commands._common import GPU_PROFILES, add_json_arg, format_table, print_json
+from loop.commands._common import (
+    GPU_PROFILES,
+    PRESETS,
+    add_json_arg,
+    format_table,
+    print_json,
+)
 
 # Evaluation sizes of the real benchmarks (DESIGN section 4).
 SAIGA_SIZES = {"gqa_ru": 12216, "mmbench_ru": 3910}
@@ -18,7 +24,7 @@ def add_parser(sub) -> None:
     p.add_argument("--budget", required=True, metavar="DURATION", help="e.g. 6h, 90m, 300s")
     p.add_argument("--gpu", choices=GPU_PROFILES, default="t4",
                    help="GPU profile to plan for (default t4; no GPU is needed to plan)")
-    p.add_argument("--preset", choices=("saiga", "demo"), default="saiga")
+    p.add_argument("--preset", choices=PRESETS, default="saiga")
     p.add_argument("--reserve", type=float, default=0.2, metavar="FRACTION")
     add_json_arg(p)
     p.set_defaults(func=run)

@@ -1,0 +1,234 @@
+"""The ``saiga-tiny`` world: LLaVA-Saiga-8B's structure at tiny width, saved as transformers 4.42.
+
+Not for accuracy; for the first-use bugs of the real checkpoint: CLIP at 336 px with 14-pixel
+patches (576 image tokens + CLS), feature layer -2 with the "default" strategy, the 2-layer GELU
+projector, a Llama text model with a 128,320-token vocabulary and Llama-3's special ids, and the
+files the way transformers 4.42 wrote them: the legacy key layout (``language_model.model.*``,
+``language_model.lm_head.*``, ``vision_tower.vision_model.*``, ``multi_modal_projector.*``),
+fp16 safetensors, the chat template in ``tokenizer_config.json``, the image processor in
+``preprocessor_config.json`` and no processor fields (``patch_size`` ...) at all.
+
+The data is the demo world's synthetic GQA-ru / MMBench-ru / LLaVA-Instruct-ru, written by the
+demo's own writers and scaled to 336 px. A short training on the GQA-ru-like training questions
+makes the answers depend on the image. Deterministic from the seed; cached under
+``.demo/saiga-tiny-v<VERSION>-seed<seed>``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+VOCAB_SIZE = 128320
+BPE_SIZE = 3000
+SPECIAL_IDS = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001,
+               "<|start_header_id|>": 128006, "<|end_header_id|>": 128007, "<|eot_id|>": 128009,
+               "<image>": 128256, "<pad>": 128257}
+IMAGE_SIZE, PATCH = 336, 14
+TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
+            rope_theta=500000.0, hidden_act="silu")
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+              image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=32)
+TRAIN = dict(steps=160, batch_size=8, lr=3e-3, max_length=680)
+DEFAULT_SYSTEM = ("Ты — Сайга, русскоязычный автоматический ассистент. "
+                  "Ты разговариваешь с людьми и помогаешь им.")
+# Llama-3's template (string content), as in Saiga's tokenizer_config.json.
+CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+# The same with Saiga's default system prompt injected when the conversation has none.
+SYSTEM_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}{% set messages = [{'role': 'system', 'content': '"
+    + DEFAULT_SYSTEM + "'}] + messages %}{% endif %}" + CHAT_TEMPLATE)
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+@dataclass(frozen=True)
+class SaigaTinyWorld:
+    root: Path
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def coco_dir(self) -> Path:
+        return self.root / "coco"
+
+
+def ensure_saiga_tiny(seed: int = 0, cache_dir: Path | None = None) -> SaigaTinyWorld:
+    """Return the saiga-tiny world for ``seed``, building it first if it is not cached."""
+    from core.demo.world import default_cache_dir
+
+    root = (cache_dir or default_cache_dir()) / f"saiga-tiny-v{VERSION}-seed{seed}"
+    if (root / "COMPLETE").exists():
+        return SaigaTinyWorld(root)
+    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    t0 = time.time()
+    log.info("building the saiga-tiny world (seed %d) in %s; this happens once", seed, root)
+    build(SaigaTinyWorld(tmp), seed)
+    (tmp / "COMPLETE").write_text(json.dumps({"version": VERSION, "seed": seed,
+                                              "seconds": round(time.time() - t0, 1)}))
+    if root.exists():  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(root)
+    log.info("saiga-tiny world ready in %.0f s", time.time() - t0)
+    return SaigaTinyWorld(root)
+
+
+def build(world: SaigaTinyWorld, seed: int, *, steps: int | None = None) -> None:
+    import torch
+
+    from core.demo import world as demo
+    from core.demo.saiga_tiny_files import save_like_4_42, upscale_images
+
+    torch.set_flush_denormal(True)
+    rng = random.Random(seed)
+    train = demo._write_gqa(world.data_dir / "GQA-ru", rng)
+    mmb_train = demo._write_mmbench(world.data_dir / "MMBench-ru", rng)
+    instruct = demo._write_instruct(world.data_dir / "LLaVA-Instruct-ru", world.coco_dir, rng)
+    upscale_images(world.root, IMAGE_SIZE)
+    tokenizer = build_tokenizer(demo._corpus(train, mmb_train, instruct))
+    model, processor = build_model(tokenizer, seed)
+    examples = [(_big(img), [(f"{q.question}\n{demo.GQA_INSTRUCTION}", q.answer)])
+                for img, q in train[: 8 * (steps or TRAIN['steps'])]]
+    pretrain(model, processor, examples, seed, steps=steps)
+    save_like_4_42(model, tokenizer, processor.image_processor, world.model_dir, CHAT_TEMPLATE)
+
+
+def _big(img):
+    from PIL import Image
+
+    return img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.NEAREST)
+
+
+def build_tokenizer(corpus: list[str]):
+    """A small byte-level BPE padded with reserved tokens, Llama-3's special tokens at their ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=BPE_SIZE, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    for i in range(len(vocab), 128000):  # never produced: no merge leads to them
+        vocab[f"<|filler_{i}|>"] = i
+    names = {v: k for k, v in SPECIAL_IDS.items() if v < 128256}
+    added = [names.get(i, f"<|reserved_special_token_{i - 128000}|>") for i in range(128000, 128256)]
+    added += ["<image>", "<pad>"]
+    spec["added_tokens"] = [{"id": 128000 + k, "content": t, "single_word": False,
+                             "lstrip": False, "rstrip": False, "normalized": False,
+                             "special": True} for k, t in enumerate(added)]
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>", pad_token="<pad>", model_max_length=8192, padding_side="left")
+    fast.chat_template = CHAT_TEMPLATE
+    for token, i in SPECIAL_IDS.items():
+        assert fast.convert_tokens_to_ids(token) == i, token
+    return fast
+
+
+def build_model(tokenizer, seed: int):
+    """A random LlavaForConditionalGeneration of the real structure and a LlavaProcessor."""
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    torch.manual_seed(seed)
+    text = LlamaConfig(vocab_size=VOCAB_SIZE, bos_token_id=128000, eos_token_id=128001,
+                       tie_word_embeddings=False, **TEXT)
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**VISION), text_config=text,
+                         image_token_index=SPECIAL_IDS["<image>"],
+                         image_seq_length=(IMAGE_SIZE // PATCH) ** 2, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    model = LlavaForConditionalGeneration(config)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                               patch_size=PATCH, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+    return model, processor
+
+
+def pretrain(model, processor, examples, seed: int, *, steps: int | None = None) -> list[float]:
+    """A short full training; the LM head sees only the answer positions (128k vocabulary)."""
+    import torch
+
+    from core.processor import IGNORE_INDEX, collate, encode_conversation, length_grouped
+
+    cfg = {**TRAIN, **({"steps": steps} if steps else {})}
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    encoded = [encode_conversation(processor, img, turns, max_length=cfg["max_length"])
+               for img, turns in examples]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
+    model.train()
+    losses, step, t0 = [], 0, time.time()
+    while step < cfg["steps"]:
+        for batch_idx in length_grouped(encoded, cfg["batch_size"], rng):
+            batch = collate([encoded[i] for i in batch_idx], processor)
+            labels = batch.pop("labels")
+            hidden = model.model(**batch).last_hidden_state[:, :-1]
+            target = labels[:, 1:]
+            keep = target != IGNORE_INDEX
+            logits = model.lm_head(hidden[keep]).float()
+            loss = torch.nn.functional.cross_entropy(logits, target[keep])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            step += 1
+            if step % 20 == 0:
+                log.info("saiga-tiny training step %d/%d loss %.3f (%.0f s)", step, cfg["steps"],
+                         sum(losses[-20:]) / 20, time.time() - t0)
+            if step >= cfg["steps"]:
+                break
+    model.eval()
+    return losses
+
+
+def save_random(out: Path, corpus: list[str], seed: int = 0, *,
+                chat_template: str = CHAT_TEMPLATE) -> Path:
+    """An untrained saiga-tiny model folder in the 4.42 layout (for tests: seconds, no data)."""
+    from core.demo.saiga_tiny_files import save_like_4_42
+
+    tokenizer = build_tokenizer(corpus)
+    model, processor = build_model(tokenizer, seed)
+    save_like_4_42(model, tokenizer, processor.image_processor, Path(out), chat_template)
+    return Path(out)

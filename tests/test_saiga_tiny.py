@@ -1,0 +1,253 @@
+"""saiga-tiny: LLaVA-Saiga-8B's structure at tiny width, saved as transformers 4.42 saved it.
+
+The fast tests use an untrained model folder built in seconds; the slow ones the cached,
+briefly trained world of ``--preset saiga-tiny``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from PIL import Image
+
+from core.demo import saiga_tiny as st
+from core.processor import IGNORE_INDEX, encode_conversation
+
+EOT = "<|eot_id|>"
+CORPUS = ["Какого цвета круг?", "Ответь одним словом.", "красный синий зелёный жёлтый",
+          "Выбери правильный вариант ответа буквой.", "There are several options:", "A. B. C. D.",
+          "слева справа посередине да нет", st.DEFAULT_SYSTEM] * 4
+
+
+@pytest.fixture(scope="session")
+def saiga_dir(tmp_path_factory):
+    return st.save_random(tmp_path_factory.mktemp("saiga-tiny") / "model", CORPUS)
+
+
+@pytest.fixture(scope="session")
+def saiga_vlm(saiga_dir):
+    from core.model import load_vlm
+
+    return load_vlm(saiga_dir)
+
+
+def _image(color=(200, 30, 30)):
+    return Image.new("RGB", (336, 336), color)
+
+
+# ---------------------------------------------------------------- the files
+
+def test_files_are_what_transformers_4_42_wrote(saiga_dir):
+    from safetensors import safe_open
+
+    assert not (saiga_dir / "processor_config.json").exists()
+    assert not (saiga_dir / "chat_template.jinja").exists()
+    pre = json.loads((saiga_dir / "preprocessor_config.json").read_text())
+    assert pre["image_processor_type"] == "CLIPImageProcessor" and pre["crop_size"]["height"] == 336
+    for name in ("preprocessor_config.json", "tokenizer_config.json"):
+        text = (saiga_dir / name).read_text()
+        assert "patch_size" not in text and "vision_feature_select_strategy" not in text
+    assert "chat_template" in json.loads((saiga_dir / "tokenizer_config.json").read_text())
+    config = json.loads((saiga_dir / "config.json").read_text())
+    assert config["transformers_version"].startswith("4.42")
+    assert config["image_token_index"] == 128256 and config["text_config"]["vocab_size"] == 128320
+    assert config["text_config"]["eos_token_id"] == 128001
+    assert config["vision_config"]["image_size"] == 336 and config["vision_config"]["patch_size"] == 14
+    with safe_open(str(saiga_dir / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        dtypes = {str(f.get_tensor(k).dtype) for k in keys}
+    assert dtypes == {"torch.float16"}
+    assert {k.split(".")[0] for k in keys} == {"language_model", "vision_tower",
+                                                "multi_modal_projector"}
+    assert "language_model.lm_head.weight" in keys
+    assert any(k.startswith("language_model.model.layers.") for k in keys)
+    assert any(k.startswith("vision_tower.vision_model.") for k in keys)
+    assert "multi_modal_projector.linear_2.weight" in keys
+
+
+def test_special_tokens_sit_at_llama_3_ids(saiga_vlm):
+    tok = saiga_vlm.tokenizer
+    for token, i in st.SPECIAL_IDS.items():
+        assert tok.convert_tokens_to_ids(token) == i
+    assert saiga_vlm.model.config.text_config.vocab_size == 128320
+    assert 128009 in saiga_vlm.stop_ids
+
+
+# ---------------------------------------------------------------- loading fixes
+
+def test_legacy_keys_load_into_every_weight(saiga_dir, saiga_vlm):
+    import torch
+    from safetensors.torch import load_file
+
+    saved = load_file(str(saiga_dir / "model.safetensors"))
+    lm_head = saiga_vlm.model.lm_head.weight
+    assert torch.equal(lm_head.half(), saved["language_model.lm_head.weight"])
+    proj = saiga_vlm.model.model.multi_modal_projector.linear_1.weight
+    assert torch.equal(proj.half(), saved["multi_modal_projector.linear_1.weight"])
+
+
+def test_576_image_tokens_per_image_after_processing(saiga_dir, caplog):
+    from core.model import load_vlm
+
+    with caplog.at_level(logging.INFO, logger="core.checkpoint"):
+        vlm = load_vlm(saiga_dir)
+    assert vlm.n_image_tokens == 576
+    assert "patch_size 14" in caplog.text
+    inputs = vlm._inputs([vlm.chat_prompt("Какого цвета круг?")] * 2, [_image(), _image()])
+    assert int((inputs["input_ids"] == 128256).sum()) == 2 * 576
+    assert vlm.generate(["Какого цвета круг?"], [_image()], max_new_tokens=2) is not None
+
+
+def test_missing_pad_token_falls_back_to_pad_and_is_logged(saiga_dir, tmp_path, caplog):
+    from core.model import load_vlm
+
+    copy = tmp_path / "nopad"
+    copy.mkdir()
+    for item in saiga_dir.iterdir():
+        data = json.loads(item.read_text()) if item.suffix == ".json" else None
+        if item.name in ("tokenizer_config.json", "special_tokens_map.json"):
+            data.pop("pad_token", None)
+        if data is None:
+            (copy / item.name).symlink_to(item)
+        else:
+            (copy / item.name).write_text(json.dumps(data, ensure_ascii=False))
+    with caplog.at_level(logging.INFO, logger="core.checkpoint"):
+        vlm = load_vlm(copy)
+    assert vlm.tokenizer.pad_token == "<pad>" and vlm.tokenizer.pad_token_id == 128257
+    assert "no pad token" in caplog.text
+    answers = vlm.generate(["Какого цвета круг?", "Где круг?\nОтветь одним словом."],
+                           [_image(), _image((30, 60, 220))], max_new_tokens=2)
+    assert len(answers) == 2
+
+
+def test_lora_lands_on_the_language_model_only(saiga_vlm):
+    import copy
+
+    from core.lora import adapted_modules, attach_lora, lora_config
+
+    vlm = copy.deepcopy(saiga_vlm)
+    attach_lora(vlm, "probe", lora_config(rank=4))
+    modules = adapted_modules(vlm.model, "probe")
+    assert modules and all("language_model" in m for m in modules)
+    assert not any("vision_tower" in m or "projector" in m for m in modules)
+
+
+# ---------------------------------------------------------------- prompts and scoring
+
+def test_option_scoring_applies_the_lm_head_only_at_option_tokens(saiga_vlm):
+    seen = []
+    head = saiga_vlm.model.lm_head
+    handle = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape))
+    try:
+        options = [["красный", "синий", "зелёный"], ["да", "нет"]]
+        scores = saiga_vlm.option_logprobs(["Какого цвета круг?", "Есть ли круг?"],
+                                           [_image(), _image()], options)
+    finally:
+        handle.remove()
+    n_option_tokens = sum(len(saiga_vlm.tokenizer(o + EOT, add_special_tokens=False)["input_ids"])
+                          for opts in options for o in opts)
+    assert [len(s) for s in scores] == [3, 2]
+    positions = sum(shape[:-1].numel() for shape in seen)
+    assert positions <= n_option_tokens, (seen, n_option_tokens)
+
+
+def test_option_scores_equal_the_full_logits_computation(saiga_vlm):
+    import torch
+
+    vlm = saiga_vlm
+    text, opts = "Какого цвета круг?", ["красный", "синий"]
+    scores = vlm.option_logprobs([text], [_image()], [opts])[0]
+    for opt, score in zip(opts, scores):
+        inputs = vlm._inputs([vlm.chat_prompt(text) + opt + EOT], [_image()])
+        n = len(vlm.tokenizer(opt + EOT, add_special_tokens=False)["input_ids"])
+        with torch.inference_mode():
+            logits = vlm.model(**inputs).logits[0, -n - 1:-1].float()
+        target = inputs["input_ids"][0, -n:]
+        expected = torch.log_softmax(logits, -1).gather(-1, target[:, None]).mean()
+        assert score == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_system_prompt_template_labels_only_the_assistant(saiga_dir, tmp_path):
+    from core.demo.saiga_tiny_files import with_chat_template
+    from core.model import load_vlm
+
+    vlm = load_vlm(with_chat_template(saiga_dir, tmp_path / "sys", st.SYSTEM_CHAT_TEMPLATE))
+    prompt = vlm.chat_prompt("Какого цвета круг?")
+    assert prompt.startswith("<|begin_of_text|><|start_header_id|>system")
+    assert "<image>" in prompt and prompt.endswith("assistant<|end_header_id|>\n\n")
+    turns = [("Какого цвета круг?", "Красный."), ("Где он?", "Слева.")]
+    enc = encode_conversation(vlm.processor, _image(), turns)
+    tok = vlm.tokenizer
+    runs, current = [], []
+    for t in enc.labels + [IGNORE_INDEX]:
+        if t == IGNORE_INDEX:
+            runs, current = runs + ([current] if current else []), []
+        else:
+            current.append(t)
+    assert [tok.decode(r) for r in runs] == ["Красный." + EOT, "Слева." + EOT]
+    whole = vlm.processor(text=tok.apply_chat_template(
+        [{"role": "user", "content": "<image>\nКакого цвета круг?"},
+         {"role": "assistant", "content": "Красный."},
+         {"role": "user", "content": "Где он?"},
+         {"role": "assistant", "content": "Слева."}], tokenize=False),
+        images=_image(), add_special_tokens=False)["input_ids"][0]
+    assert list(whole) == enc.input_ids
+    assert tok.decode(enc.input_ids).count(st.DEFAULT_SYSTEM) == 1
+
+
+# ---------------------------------------------------------------- the trained world
+
+@pytest.fixture(scope="session")
+def world():
+    return st.ensure_saiga_tiny()
+
+
+@pytest.mark.slow
+def test_generation_stops_on_eot_without_assistant_text(world):
+    import torch
+
+    from core.model import load_vlm
+
+    vlm = load_vlm(world.model_dir)
+    texts = ["Какого цвета фигура слева?\nОтветь одним словом.", "Сколько фигур на картинке?"]
+    images = [_image(), _image((30, 60, 220))]
+    inputs = vlm._inputs([vlm.chat_prompt(t) for t in texts], images)
+    with torch.inference_mode():
+        out = vlm.model.generate(**inputs, max_new_tokens=16, do_sample=False,
+                                 eos_token_id=vlm.stop_ids, pad_token_id=vlm.tokenizer.pad_token_id)
+    new = out[:, inputs["input_ids"].shape[1]:]
+    assert all(128009 in row.tolist() for row in new), new  # it stopped, on <|eot_id|>
+    answers = vlm.generate(texts, images)
+    assert all(a and "assistant" not in a and "<|" not in a for a in answers), answers
+
+
+@pytest.mark.slow
+def test_eval_cli_both_benchmarks_and_modes(world, capsys):
+    from loop.cli import main
+
+    for benchmark, mode in (("gqa_ru", "generate"), ("mmbench_ru", "generate"),
+                            ("mmbench_ru", "likelihood")):
+        rc = main(["-q", "eval", "--preset", "saiga-tiny", "--benchmark", benchmark, "--limit",
+                   "16", "--batch-size", "8", "--mode", mode, "--gpu", "cpu", "--json",
+                   "--db", ":memory:"])
+        report = json.loads(capsys.readouterr().out)
+        assert rc == 0 and report["n"] > 0 and 0 <= report["accuracy"] <= 1, report
+
+
+@pytest.mark.slow
+def test_nf4_loading_on_cpu(world):
+    import bitsandbytes as bnb
+
+    from core.device import resolve_profile
+    from core.model import load_vlm
+
+    vlm = load_vlm(world.model_dir,
+                   options=resolve_profile("cpu", gpu=None, load_in_4bit=True).load_options())
+    quantized = [n for n, m in vlm.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantized and all(".language_model." in n for n in quantized)
+    assert vlm.n_image_tokens == 576
+    assert vlm.generate(["Какого цвета фигура слева?\nОтветь одним словом."], [_image()])
+    scores = vlm.option_logprobs(["Какого цвета фигура?"], [_image()], [["красный", "синий"]])
+    assert len(scores[0]) == 2
