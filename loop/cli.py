@@ -39,6 +39,8 @@ def configure_logging(verbose: bool, quiet: bool) -> None:
                         datefmt="%H:%M:%S", force=True)
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:  # unreachable-hub retries end in one clear error line of ours
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     # bitsandbytes logs a traceback at import when an optional CPU kernel package is absent.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     if quiet:

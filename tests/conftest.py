@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
+
+# huggingface_hub reads HF_HUB_OFFLINE once, when it is first imported, which may happen while
+# test modules are collected (before any fixture runs): the session is offline from the start.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 TINY_CORPUS = [
     "Какого цвета круг?", "Сколько квадратов на картинке?", "Где находится треугольник?",
