@@ -254,6 +254,11 @@ def _override(profile: Profile, dtype: str | None, load_in_4bit: bool | None,
 
 # ---------------------------------------------------------------- T4 priors for LLaVA-Saiga-8B
 
+CHAT_HEADER_TOKENS = 20
+"""Tokens of the chat template before the image (system/user headers), shared like the image."""
+GQA_QUESTIONS_PER_IMAGE = 12216 / 398
+"""GQA-ru testdev: 12,216 questions about 398 images (whole images go to dev and final)."""
+
 T4 = {"fp16_tflops": 65.0, "bandwidth_gb_s": 320.0, "memory_gb": 15.0}
 """NVIDIA's published T4 figures (fp16 tensor-core peak, memory bandwidth) and usable memory."""
 
@@ -267,9 +272,12 @@ and of rank-16 LoRA on q, k, v, o, gate, up, down of all 32 layers."""
 
 def t4_estimate(*, text_tokens: int = 64, answer_tokens: int = 16, train_text_tokens: int = 80,
                 eval_batch: int = 8, micro_batch: int = 2, mfu: float = 0.25,
-                decode_bandwidth_efficiency: float = 0.35) -> tuple[dict[str, float], list[str]]:
+                decode_bandwidth_efficiency: float = 0.35,
+                questions_per_image: float = 1.0) -> tuple[dict[str, float], list[str]]:
     """Seconds and memory per sample for LLaVA-Saiga-8B on a T4 with the t4 profile.
 
+    ``questions_per_image`` > 1 prices shared-prefix evaluation (``core.prefix``): the image's
+    tokens, the chat header and CLIP are computed once per image, not once per question.
     Returns the figures and the derivation, one line per step, for the bench to print.
     """
     s, t = SAIGA, T4
@@ -277,9 +285,14 @@ def t4_estimate(*, text_tokens: int = 64, answer_tokens: int = 16, train_text_to
     peak = t["fp16_tflops"] * 1e12 * mfu
     clip_flops = 2 * s["clip_params"] * (s["image_tokens"] + 1)
     seq_eval = s["image_tokens"] + text_tokens
-    prefill = 2 * s["llm_params"] * seq_eval + clip_flops
-    lines.append(f"eval prefill: 2 x {s['llm_params']:.2e} params x {seq_eval} tokens + CLIP "
-                 f"{clip_flops / 1e12:.2f} TFLOP = {prefill / 1e12:.1f} TFLOP; at {mfu:.0%} of "
+    shared = s["image_tokens"] + CHAT_HEADER_TOKENS
+    prefill_tokens = shared / questions_per_image + (seq_eval - shared)
+    prefill = 2 * s["llm_params"] * prefill_tokens + clip_flops / questions_per_image
+    lines.append(f"eval prefill: 2 x {s['llm_params']:.2e} params x {prefill_tokens:.0f} tokens "
+                 f"+ CLIP {clip_flops / questions_per_image / 1e12:.2f} TFLOP"
+                 + (f" (image and header shared by {questions_per_image:.1f} questions)"
+                    if questions_per_image > 1 else "")
+                 + f" = {prefill / 1e12:.1f} TFLOP; at {mfu:.0%} of "
                  f"{t['fp16_tflops']:.0f} TFLOPS -> {prefill / peak:.2f} s")
     quant_params = s["llm_params"] - 2 * s["embed_params"]
     weight_bytes = quant_params * 0.5 * 1.03 + s["embed_params"] * 2  # lm_head read, embed not
@@ -319,13 +332,14 @@ def t4_estimate(*, text_tokens: int = 64, answer_tokens: int = 16, train_text_to
                "train_s_per_sample": round(train_flops / peak, 2),
                "train_memory_gb": round(train_mem, 1), "eval_memory_gb": round(eval_mem, 1),
                "load_s": 240.0, "train_tokens_per_sample": seq_train,
-               "eval_tokens_per_sample": seq_eval, "mfu": mfu}
+               "eval_tokens_per_sample": seq_eval,
+               "prefill_tokens_per_sample": round(prefill_tokens, 1), "mfu": mfu}
     lines.append("load: reading 16 GB of fp16 safetensors and quantizing on the fly, about "
                  "3-5 minutes on a Colab-class machine (a guess, not derived)")
     return figures, lines
 
 
-def t4_priors() -> dict[str, float]:
+def t4_priors(questions_per_image: float = 1.0) -> dict[str, float]:
     """Cost-model priors for LLaVA-Saiga-8B on a T4 with the t4 profile (see t4_estimate).
 
     Derived, not yet measured: ``bench/full_scale.py`` measures them on a lent GPU (the full
@@ -334,4 +348,4 @@ def t4_priors() -> dict[str, float]:
     Keys: eval_s_per_sample, train_s_per_sample, train_memory_gb, eval_memory_gb, load_s,
     train_tokens_per_sample, eval_tokens_per_sample, mfu.
     """
-    return t4_estimate()[0]
+    return t4_estimate(questions_per_image=questions_per_image)[0]

@@ -40,12 +40,15 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
-def priors(preset: str, profile: str) -> CostRates:
+def priors(preset: str, profile: str, prefix_cache: bool = True) -> CostRates:
     """Seconds per unit of work before anything is measured.
 
     demo/cpu: measured on 2 CPU cores with the tiny model (bench/eval_speed.py,
     bench/train_speed.py). saiga/t4: the estimate of ``core.device.t4_priors`` from parameter
     counts and the T4's fp16 rate; a100/h100 scale it by their throughput relative to a T4.
+    With ``prefix_cache``, GQA-ru questions share their image's prefix (about 31 per image);
+    MMBench-ru is priced without sharing (its rotations share less), and measured rates take
+    over from the first evaluation either way.
     """
     if preset == "demo":
         return CostRates(eval_s_per_sample={"gqa_ru": 0.02, "mmbench_ru": 0.03},
@@ -53,13 +56,15 @@ def priors(preset: str, profile: str) -> CostRates:
     if preset == "saiga-tiny":  # 576 image tokens and a 128k vocabulary on 2 CPU cores
         return CostRates(eval_s_per_sample={"gqa_ru": 0.1, "mmbench_ru": 0.12},
                          train_s_per_sample=0.1, load_s=3.0)
-    from core.device import t4_priors
+    from core.device import GQA_QUESTIONS_PER_IMAGE, t4_priors
 
     t4 = t4_priors()
+    gqa = t4_priors(GQA_QUESTIONS_PER_IMAGE) if prefix_cache else t4
     speedup = {"t4": 1.0, "cpu": 1 / 40, "a100": 6.0, "h100": 10.0, "auto": 1.0}[profile]
     ev, tr = t4["eval_s_per_sample"] / speedup, t4["train_s_per_sample"] / speedup
     # MMBench prompts carry a hint and up to four options: about 1.2x the GQA prompt.
-    return CostRates(eval_s_per_sample={"gqa_ru": ev, "mmbench_ru": 1.2 * ev},
+    return CostRates(eval_s_per_sample={"gqa_ru": gqa["eval_s_per_sample"] / speedup,
+                                        "mmbench_ru": 1.2 * ev},
                      train_s_per_sample=tr, load_s=t4["load_s"] / min(speedup, 3.0))
 
 

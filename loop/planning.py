@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import strategies
+from core.device import GQA_QUESTIONS_PER_IMAGE
 from core.errors import ErrorProfile
 from loop.budget import Budget, dev_subset_size, final_subset_size, fmt_s, priors
 from loop.policy import choose
@@ -38,8 +39,9 @@ def assumed_profiles(n: dict[str, int]) -> dict[str, ErrorProfile]:
     return out
 
 
-def make_plan(budget_s: float, preset: str, gpu: str, reserve: float = 0.2) -> dict:
-    rates = priors(preset, gpu)
+def make_plan(budget_s: float, preset: str, gpu: str, reserve: float = 0.2,
+              prefix_cache: bool = True) -> dict:
+    rates = priors(preset, gpu, prefix_cache)
     budget = Budget(budget_s, reserve, clock=lambda: 0.0)
     cycles_s = budget.left_for_cycles() - rates.load_s
     sizes = eval_sizes(preset)
@@ -51,7 +53,9 @@ def make_plan(budget_s: float, preset: str, gpu: str, reserve: float = 0.2) -> d
         dev_sizes[b] = dev_subset_size(rate, cycles_s, dev)
         benches[b] = {"total": sizes[b], "dev": dev, "dev_subset": dev_sizes[b], "final": final,
                       "final_subset": final_subset_size(rate, budget.reserve_s, final),
-                      "s_per_question": round(rate, 3)}
+                      "s_per_question": round(rate, 3),
+                      "dev_images": (round(dev_sizes[b] / GQA_QUESTIONS_PER_IMAGE)
+                                     if b == "gqa_ru" and preset == "saiga" else None)}
     ctx = Context(cycle=1, seed=0, champion=strategies.base.base_candidate(),
                   profiles=assumed_profiles(dev_sizes), history=[], time_left_s=cycles_s,
                   rates=rates, dev_sizes=dev_sizes, data=None, protected={}, workdir=Path("."),
@@ -84,7 +88,7 @@ def make_plan(budget_s: float, preset: str, gpu: str, reserve: float = 0.2) -> d
                     "time for cycles": fmt_s(cycles_s),
                     "cycles that fit (all rejected)": len(schedule),
                     "train s/example (prior)": round(rates.train_s_per_sample, 3)},
-        "benchmarks": benches, "strategies": rows, "schedule": schedule,
+        "prefix_cache": prefix_cache, "benchmarks": benches, "strategies": rows, "schedule": schedule,
         "rates": {"eval_s_per_sample": rates.eval_s_per_sample,
                   "train_s_per_sample": rates.train_s_per_sample, "load_s": rates.load_s},
     }

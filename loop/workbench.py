@@ -123,7 +123,8 @@ class Workbench:
         digest) and question, of dev and final alike (``strategies.guard``)."""
         from strategies.guard import protected_keys
 
-        return protected_keys([e for b in BENCHMARKS for e in self.examples[b]], digests=True)
+        return protected_keys([e for records in self.examples.values() for e in records],
+                              digests=True)
 
     @cached_property
     def guard_keys(self):

@@ -13,7 +13,7 @@ from loop.decision import SETTING_ONLY_REASON, comparisons_made, judge
 from loop.policy import choose
 from loop.store import Store
 from loop.workbench import Scored, Workbench
-from strategies.base import base_candidate
+from strategies.base import Strategy, base_candidate
 
 P6 = 2 / 2**6  # exact McNemar p of 6 discordant pairs, all for the candidate
 
@@ -109,6 +109,7 @@ class _Setting:
     trains = False
     addresses = {"format_mismatch": 0.5}
     requires = None
+    waiting = classmethod(Strategy.waiting.__func__)
 
 
 class _Adapter(_Setting):

@@ -63,7 +63,8 @@ class SlowFake(strategies.base.Strategy):
     """A remedy that takes 8 s to propose the champion again (never better)."""
 
     name, family, summary = "slow_fake", "fake", "sleeps"
-    addresses = {"format_mismatch": 0.5}
+    addresses = {label: 0.5 for label in ("format_mismatch", "counting", "color", "location",
+                                          "other")}
 
     def propose(self, ctx):
         time.sleep(8)
@@ -128,9 +129,8 @@ def _wait_for(db: Path, sql: str, proc: subprocess.Popen, timeout: float = 240) 
     raise AssertionError(f"timed out waiting for: {sql}")
 
 
+# Kills during evaluations (baseline, candidate, final) at default sizes: tests/test_survive.py.
 @pytest.mark.parametrize("moment,strategy_list,sql", [
-    ("evaluation", "prompt_constraints",
-     "SELECT count(*) FROM loop_steps WHERE key='baseline' AND status='started'"),
     ("training", "answer_format_sft",
      "SELECT count(*) FROM loop_steps WHERE kind='cycle' AND status='started'"),
 ])

@@ -116,3 +116,16 @@ def test_prefix_is_recomputed_per_adapter(tiny_vlm_factory):
     assert tuned_cached != base_cached  # the adapter changed the answers, through the prefix too
     vlm.set_adapter(None)
     assert _outputs(vlm, examples, batch_size=8, prefix_cache=True)[0] == base_cached
+
+
+def test_the_t4_plan_buys_more_images_per_decision_with_the_prefix_cache():
+    from core.device import GQA_QUESTIONS_PER_IMAGE, t4_estimate
+    from loop.planning import make_plan
+
+    plain, shared = t4_estimate()[0], t4_estimate(questions_per_image=GQA_QUESTIONS_PER_IMAGE)[0]
+    assert plain["prefill_tokens_per_sample"] >= 5 * shared["prefill_tokens_per_sample"]
+    assert shared["eval_s_per_sample"] < plain["eval_s_per_sample"] / 2
+    before = make_plan(6 * 3600, "saiga", "t4", prefix_cache=False)
+    after = make_plan(6 * 3600, "saiga", "t4")
+    assert after["benchmarks"]["gqa_ru"]["dev_images"] >= 4 * before["benchmarks"]["gqa_ru"]["dev_images"]
+    assert len(after["schedule"]) >= len(before["schedule"])

@@ -370,11 +370,26 @@ def test_short_training_makes_answers_short(tiny_vlm_factory, tmp_path):
 
 
 @pytest.mark.slow
-def test_4bit_nf4_on_cpu_trains_saves_and_reloads(tiny_vlm_factory, tmp_path):
+def test_4bit_nf4_on_cpu_trains_saves_and_reloads(tmp_path):
     import bitsandbytes as bnb
     import torch
 
+    from core.demo.tiny_model import build_tiny_llava, train_tokenizer
+    from core.model import load_vlm
+    from tests.conftest import TINY_CORPUS
+
+    # Every width a multiple of 64, as in every real Llama: bitsandbytes' CPU 4-bit inference
+    # kernels need whole 64-value blocks per row (the demo's MLP width, 352, is not).
+    folder = tmp_path / "tiny64"
+    model, processor = build_tiny_llava(train_tokenizer(TINY_CORPUS * 4), seed=0,
+                                        text_overrides={"intermediate_size": 384})
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
     options = resolve_profile("cpu", gpu=None, load_in_4bit=True).load_options()
+
+    def tiny_vlm_factory(**kwargs):
+        return load_vlm(folder, **kwargs)
+
     vlm = tiny_vlm_factory(options=options)
     quantized = [n for n, m in vlm.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert quantized and all(".language_model." in n for n in quantized)

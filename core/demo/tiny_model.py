@@ -56,8 +56,10 @@ def train_tokenizer(corpus: list[str]):
     return fast
 
 
-def build_tiny_llava(tokenizer, seed: int):
-    """A randomly initialised LlavaForConditionalGeneration and its LlavaProcessor."""
+def build_tiny_llava(tokenizer, seed: int, text_overrides: dict | None = None):
+    """A randomly initialised LlavaForConditionalGeneration and its LlavaProcessor.
+
+    ``text_overrides`` changes fields of the language model's config (e.g. widths)."""
     import torch
     from transformers import (
         CLIPImageProcessorPil,
@@ -73,7 +75,7 @@ def build_tiny_llava(tokenizer, seed: int):
     vocab = len(tokenizer)
     text = LlamaConfig(vocab_size=vocab, bos_token_id=ids["<|begin_of_text|>"],
                        eos_token_id=ids["<|end_of_text|>"], pad_token_id=ids["<pad>"],
-                       tie_word_embeddings=False, **TEXT)
+                       tie_word_embeddings=False, **{**TEXT, **(text_overrides or {})})
     vision = CLIPVisionConfig(**VISION)
     n_img = (VISION["image_size"] // VISION["patch_size"]) ** 2
     config = LlavaConfig(vision_config=vision, text_config=text,

@@ -45,6 +45,9 @@ def add_eval_args(p, *, benchmark_required: bool) -> None:
     p.add_argument("--mode", choices=("generate", "likelihood"), default="generate",
                    help="MMBench-ru only: likelihood ranks the option texts (its own protocol)")
     p.add_argument("--gpu", choices=GPU_PROFILES, default="auto", help="GPU profile (default auto)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="compute every question's whole prompt, image included (for comparison "
+                   "and as a fallback; the answers are the same)")
     add_source_args(p)
     add_db_arg(p)
 
@@ -89,7 +92,7 @@ def evaluate_model_from_args(args: argparse.Namespace):
         examples = stratified_subset(examples, args.limit, seed=args.seed)
     vlm = load_model_for(sources.model, args.gpu, adapter=_adapter_path(args))
     result = evaluate(vlm, examples, EvalConfig(mode=args.mode), batch_size=args.batch_size,
-                      progress=not args.quiet and not args.json)
+                      progress=not args.quiet and not args.json, prefix_cache=args.prefix_cache)
     return examples, result, sources, vlm
 
 
@@ -178,7 +181,8 @@ def render(out: dict) -> str:
     lines = [format_table(["", ""], head).split("\n", 2)[-1], "",
              format_table(["metric", "%", "95% CI", "n"], rows), "",
              format_table(["category", "%", "", "n"], cats), "",
-             f"{out['samples_per_s']} samples/s, {out['seconds']:.1f} s; images missing: "
+             f"{out['samples_per_s']} samples/s, {out['prefill_tokens_per_sample']} prefill "
+             f"tokens/question, {out['seconds']:.1f} s; images missing: "
              f"{out['images_missing']}"]
     if out["benchmark"] == "mmbench_ru":
         lines.append(f"unparseable answers (counted wrong): {out['unparseable']}; "

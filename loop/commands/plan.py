@@ -26,6 +26,8 @@ def add_parser(sub) -> None:
                    help="GPU profile to plan for (default t4; no GPU is needed to plan)")
     p.add_argument("--preset", choices=PRESETS, default="saiga")
     p.add_argument("--reserve", type=float, default=0.2, metavar="FRACTION")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="plan as if every question's whole prompt were computed (for comparison)")
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -35,18 +37,21 @@ def run(args: argparse.Namespace) -> int:
     from loop.planning import make_plan
 
     gpu = "t4" if args.gpu == "auto" else args.gpu
-    plan = make_plan(parse_duration(args.budget), args.preset, gpu, args.reserve)
+    plan = make_plan(parse_duration(args.budget), args.preset, gpu, args.reserve,
+                     prefix_cache=args.prefix_cache)
     if args.json:
         print_json(plan)
         return 0
     print(f"Plan for --preset {args.preset} --gpu {gpu}, budget {plan['budget']} "
-          f"(priors: {plan['priors_source']})\n")
+          f"(priors: {plan['priors_source']}; prefix cache "
+          f"{'on' if args.prefix_cache else 'off'})\n")
     print(format_table(["", ""], [[k, v] for k, v in plan["summary"].items()]).split("\n", 2)[-1])
     print()
     print(format_table(["benchmark", "eval questions", "dev", "dev subset/cycle", "final",
-                        "final subset", "s/question"],
+                        "final subset", "s/question", "dev images/cycle"],
                        [[b, d["total"], d["dev"], d["dev_subset"], d["final"], d["final_subset"],
-                         d["s_per_question"]] for b, d in plan["benchmarks"].items()]))
+                         d["s_per_question"], d["dev_images"] or "-"]
+                        for b, d in plan["benchmarks"].items()]))
     print()
     print(format_table(["strategy", "trains", "est. cost", "training examples", "note"],
                        [[s["strategy"], s["trains"], s["cost"], s["train_examples"], s["note"]]
