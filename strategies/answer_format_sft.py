@@ -25,6 +25,7 @@ from strategies.common import (
     attempts,
     plan_training,
     share,
+    train_adapter,
 )
 from strategies.sft_data import Mix, SFTDataBuilder
 
@@ -85,13 +86,9 @@ class AnswerFormatSFT(Strategy):
                                  "is left to train")
         log.info("answer_format_sft: %d records (%s), %d steps x %d, deadline %.0f s",
                  len(records), data_info["counts"], plan.steps, plan.batch_size, deadline_s)
-        adapter_path, result = ctx.train(records, config, name=f"c{ctx.cycle}-answer-format",
-                                         deadline_s=deadline_s)
-        status = getattr(result, "status", "unknown")
-        if adapter_path is None:
-            raise ProposalFailed(f"training the answer-format adapter failed ({status}): "
-                                 f"{getattr(result, 'error', None)}")
-        result_dict = result.to_dict() if hasattr(result, "to_dict") else dict(result or {})
+        adapter_path, result_dict, status = train_adapter(
+            ctx, records, config, name=f"c{ctx.cycle}-answer-format", deadline_s=deadline_s,
+            what="answer-format")
         return ctx.champion.derive(
             self.name,
             f"LoRA r{RANK} on {len(records)} answer-format records "

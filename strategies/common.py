@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.evaluate import EvalConfig
-from strategies.base import BENCHMARKS, Candidate, Context, Exhausted
+from strategies.base import BENCHMARKS, Candidate, Context, Exhausted, ProposalFailed
 
 log = logging.getLogger(__name__)
 
@@ -164,3 +164,19 @@ def plan_training(ctx: Context, seconds: float, steps_fraction: float = 1.0) -> 
     return TrainPlan(steps=steps, batch_size=batch, n_records=n_records,
                      seconds=steps * batch * ctx.rates.train_s_per_sample
                      + n_records * DATA_S_PER_RECORD)
+
+
+def train_adapter(ctx: Context, records: list[dict], config, *, name: str, deadline_s: float,
+                  what: str) -> tuple[str, dict, str]:
+    """Train through ``ctx.train``; ``(adapter_path, result dict, status)``.
+
+    Raises:
+        ProposalFailed: the training produced no adapter (``what`` names it in the message).
+    """
+    adapter_path, result = ctx.train(records, config, name=name, deadline_s=deadline_s)
+    status = getattr(result, "status", "unknown")
+    if adapter_path is None:
+        raise ProposalFailed(f"training the {what} adapter failed ({status}): "
+                             f"{getattr(result, 'error', None)}")
+    result_dict = result.to_dict() if hasattr(result, "to_dict") else dict(result or {})
+    return str(adapter_path), result_dict, status

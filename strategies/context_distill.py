@@ -28,7 +28,14 @@ from collections import Counter
 from core.evaluate import EvalConfig
 from core.train import TrainConfig
 from strategies.base import BENCHMARKS, Candidate, Context, ProposalFailed, Strategy
-from strategies.common import DATA_S_PER_RECORD, MIN_STEPS, Clock, attempts, plan_training
+from strategies.common import (
+    DATA_S_PER_RECORD,
+    MIN_STEPS,
+    Clock,
+    attempts,
+    plan_training,
+    train_adapter,
+)
 from strategies.generation_params import GenerationParams
 from strategies.prompt_constraints import PromptConstraints
 from strategies.sft_data import SFTDataBuilder
@@ -126,13 +133,9 @@ class ContextDistill(Strategy):
                              rank=RANK, alpha=2 * RANK, dropout=DROPOUT, seed=seed)
         log.info("context_distill: %d records distilled from cycle %s (%s), %d steps",
                  len(records), entry.get("index"), ", ".join(benchmarks), plan.steps)
-        adapter_path, result = ctx.train(records, config, name=f"c{ctx.cycle}-context-distill",
-                                         deadline_s=deadline_s)
-        status = getattr(result, "status", "unknown")
-        if adapter_path is None:
-            raise ProposalFailed(f"training the distilled adapter failed ({status}): "
-                                 f"{getattr(result, 'error', None)}")
-        result_dict = result.to_dict() if hasattr(result, "to_dict") else dict(result or {})
+        adapter_path, result_dict, status = train_adapter(
+            ctx, records, config, name=f"c{ctx.cycle}-context-distill", deadline_s=deadline_s,
+            what="distilled")
         return ctx.champion.derive(
             self.name, f"LoRA r{RANK} distilling cycle {entry.get('index')}'s "
             f"{', '.join(benchmarks)} setting into {len(records)} records, {plan.steps} steps",

@@ -22,8 +22,9 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
+
+from core.demo.world import DemoWorld
 
 log = logging.getLogger(__name__)
 
@@ -59,21 +60,8 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-@dataclass(frozen=True)
-class SaigaTinyWorld:
-    root: Path
-
-    @property
-    def model_dir(self) -> Path:
-        return self.root / "model"
-
-    @property
-    def data_dir(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def coco_dir(self) -> Path:
-        return self.root / "coco"
+SaigaTinyWorld = DemoWorld
+"""The same folder layout as the demo world: model/, data/, coco/ under its root."""
 
 
 def ensure_saiga_tiny(seed: int = 0, cache_dir: Path | None = None) -> SaigaTinyWorld:
