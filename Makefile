@@ -22,6 +22,9 @@ install: $(STAMP)
 # The loop on the embedded demo world (a tiny VLM and synthetic Russian data), 5 minutes.
 demo: $(STAMP)
 	$(PY) -m loop run --preset demo --gpu cpu --budget 5m --db experiments.db
+	@echo "--- the base model's errors on dev, as the policy saw them first"
+	$(PY) -m loop show 1 --db experiments.db --examples 0
+	@echo "--- every cycle, and the verdict on the held-out final split"
 	$(PY) -m loop log --db experiments.db
 
 # Plain `pytest` skips the slow tier; `make test` (and CI) runs it too.

@@ -39,10 +39,31 @@ RANK, DROPOUT = 16, 0.05
 
 
 def profile_mix(ctx: Context) -> Mix:
-    """More multiple choice the larger MMBench-ru's share of format mismatches is."""
+    """More multiple choice the larger MMBench-ru's share of format mismatches is; none once
+    multiple-choice data made MMBench-ru significantly worse for this champion."""
     gqa, mmb = (share(ctx, b, "format_mismatch") for b in ("gqa_ru", "mmbench_ru"))
     choice = 0.15 + 0.35 * (mmb / (gqa + mmb)) if gqa + mmb > 0 else 0.3
+    if choice_hurt_mmbench(ctx) is not None:
+        choice = 0.0
     return Mix(short=1.0 - choice - INSTRUCT_SHARE, choice=choice, instruct=INSTRUCT_SHARE)
+
+
+def choice_hurt_mmbench(ctx: Context) -> int | None:
+    """The cycle, since the champion was chosen, whose adapter was trained with multiple-choice
+    records and made MMBench-ru significantly worse (p < 0.05), or None.
+
+    Letters without the skill to match them to options teach a model to say one letter; then
+    the short answers alone go on (their skills transfer to MMBench-ru through option texts).
+    """
+    since = ctx.history[max((i for i, h in enumerate(ctx.history) if h["status"] == "accepted"),
+                            default=-1) + 1:]
+    for h in since:
+        details = (h.get("candidate") or {}).get("details") or {}
+        trained_choice = ((details.get("data") or {}).get("counts") or {}).get("choice", 0)
+        mmb = (h.get("paired") or {}).get("mmbench_ru") or {}
+        if trained_choice and mmb.get("diff", 0) < 0 and mmb.get("p_value", 1) < 0.05:
+            return h.get("index")
+    return None
 
 
 class AnswerFormatSFT(Strategy):
@@ -74,6 +95,10 @@ class AnswerFormatSFT(Strategy):
         seed = ctx.seed * 1000 + k
         mix = profile_mix(ctx)
         records, data_info = SFTDataBuilder(ctx).build(plan.n_records, mix, seed)
+        if (hurt := choice_hurt_mmbench(ctx)) is not None:
+            data_info["no_choice_because"] = (f"cycle {hurt}'s multiple-choice records made "
+                                              "MMBench-ru significantly worse")
+            log.info("answer_format_sft: no multiple choice: %s", data_info["no_choice_because"])
         data_file = write_sft_jsonl(records, ctx.workdir / "answer_format_sft.jsonl")
         init_from = ctx.champion.adapter_path
         config = TrainConfig(steps=plan.steps, batch_size=plan.batch_size, lr=ctx.train_lr, rank=RANK,

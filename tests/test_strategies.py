@@ -694,3 +694,25 @@ def test_answer_format_sft_with_only_protected_data_fails_the_cycle(tmp_path, fa
     with pytest.raises(ProposalFailed, match="no training records"):
         strategies.get("answer_format_sft").propose(ctx)
     assert not fakes.train_calls
+
+
+def test_answer_format_sft_drops_multiple_choice_once_it_hurt_mmbench():
+    from types import SimpleNamespace
+
+    from strategies.answer_format_sft import choice_hurt_mmbench, profile_mix
+
+    def cycle(index, status, choice, mmb_diff, mmb_p):
+        return {"index": index, "strategy": "answer_format_sft", "status": status,
+                "candidate": {"details": {"data": {"counts": {"short": 90, "choice": choice}}}},
+                "paired": {"mmbench_ru": {"diff": mmb_diff, "p_value": mmb_p}}}
+
+    ctx = SimpleNamespace(profiles={}, history=[])
+    assert profile_mix(ctx).to_dict()["choice"] > 0
+    ctx.history = [cycle(1, "rejected", 30, -0.4, 1e-6)]
+    assert choice_hurt_mmbench(ctx) == 1 and profile_mix(ctx).to_dict()["choice"] == 0
+    # not significant, or trained without multiple choice: the mix stays
+    ctx.history = [cycle(1, "rejected", 30, -0.05, 0.3), cycle(2, "rejected", 0, -0.4, 1e-6)]
+    assert choice_hurt_mmbench(ctx) is None and profile_mix(ctx).to_dict()["choice"] > 0
+    # a new champion starts afresh
+    ctx.history = [cycle(1, "rejected", 30, -0.4, 1e-6), cycle(2, "accepted", 0, 0.0, 1.0)]
+    assert choice_hurt_mmbench(ctx) is None
