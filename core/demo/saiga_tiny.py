@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -66,25 +64,11 @@ SaigaTinyWorld = DemoWorld
 
 def ensure_saiga_tiny(seed: int = 0, cache_dir: Path | None = None) -> SaigaTinyWorld:
     """Return the saiga-tiny world for ``seed``, building it first if it is not cached."""
-    from core.demo.world import default_cache_dir
+    from core.demo.world import build_cached, default_cache_dir
 
     root = (cache_dir or default_cache_dir()) / f"saiga-tiny-v{VERSION}-seed{seed}"
-    if (root / "COMPLETE").exists():
-        return SaigaTinyWorld(root)
-    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    t0 = time.time()
-    log.info("building the saiga-tiny world (seed %d) in %s; this happens once", seed, root)
-    build(SaigaTinyWorld(tmp), seed)
-    (tmp / "COMPLETE").write_text(json.dumps({"version": VERSION, "seed": seed,
-                                              "seconds": round(time.time() - t0, 1)}))
-    if root.exists():  # another process won the race
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.rename(root)
-    log.info("saiga-tiny world ready in %.0f s", time.time() - t0)
-    return SaigaTinyWorld(root)
+    return build_cached(root, lambda world: build(world, seed), what="saiga-tiny world",
+                        version=VERSION, seed=seed)
 
 
 def build(world: SaigaTinyWorld, seed: int, *, steps: int | None = None) -> None:

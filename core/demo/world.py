@@ -74,6 +74,16 @@ def default_cache_dir() -> Path:
 def ensure_demo_world(seed: int = 0, cache_dir: Path | None = None) -> DemoWorld:
     """Return the demo world for ``seed``, building it first if it is not cached."""
     root = (cache_dir or default_cache_dir()) / f"v{VERSION}-seed{seed}"
+    return build_cached(root, lambda world: build_world(world, seed), what="demo world",
+                        version=VERSION, seed=seed)
+
+
+def build_cached(root: Path, build, *, what: str, version: int, seed: int) -> DemoWorld:
+    """The world at ``root``; built first by ``build(DemoWorld(tmp))`` when it is not complete.
+
+    It is built in a temporary folder that is renamed only once complete, so a build killed
+    halfway is never taken for a world, and two processes building at once do not collide.
+    """
     world = DemoWorld(root)
     if (root / "COMPLETE").exists():
         return world
@@ -81,15 +91,15 @@ def ensure_demo_world(seed: int = 0, cache_dir: Path | None = None) -> DemoWorld
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     t0 = time.time()
-    log.info("building the demo world (seed %d) in %s; this happens once", seed, root)
-    build_world(DemoWorld(tmp), seed)
-    (tmp / "COMPLETE").write_text(json.dumps({"version": VERSION, "seed": seed,
+    log.info("building the %s (seed %d) in %s; this happens once", what, seed, root)
+    build(DemoWorld(tmp))
+    (tmp / "COMPLETE").write_text(json.dumps({"version": version, "seed": seed,
                                               "seconds": round(time.time() - t0, 1)}))
     if root.exists():  # another process won the race
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         tmp.rename(root)
-    log.info("demo world ready in %.0f s", time.time() - t0)
+    log.info("%s ready in %.0f s", what, time.time() - t0)
     return world
 
 
