@@ -3,7 +3,7 @@ and batches that compute each image's prompt prefix once (the default). Prints s
 prefill tokens per question, the ratios, peak memory, and checks that the answers agree.
 
     .venv/bin/python bench/eval_speed.py [--preset demo|saiga-tiny] [--n 256] [--batch-size 32]
-        [--benchmark gqa_ru|mmbench_ru] [--skip-single] [--json]
+        [--benchmark gqa_ru|mmbench_ru] [--mode generate|likelihood] [--skip-single] [--json]
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _timed(vlm, examples, **kwargs):
-    from core.evaluate import evaluate
+def _timed(vlm, examples, mode="generate", **kwargs):
+    from core.evaluate import EvalConfig, evaluate
 
     t0 = time.perf_counter()
-    result = evaluate(vlm, examples, progress=False, **kwargs)
+    result = evaluate(vlm, examples, EvalConfig(mode=mode), progress=False, **kwargs)
     return result, time.perf_counter() - t0
 
 
@@ -30,6 +30,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="demo", help="demo | saiga-tiny")
     parser.add_argument("--benchmark", default="gqa_ru", choices=["gqa_ru", "mmbench_ru"])
+    parser.add_argument("--mode", default="generate", choices=["generate", "likelihood"],
+                        help="MMBench-ru protocol: generate a letter, or score the options")
     parser.add_argument("--n", type=int, default=256, help="dev questions")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--skip-single", action="store_true", help="skip one-at-a-time")
@@ -47,17 +49,21 @@ def main() -> int:
     vlm = load_vlm(sources.model)
     dev = make_splits(load_benchmark(args.benchmark, sources.data))["dev"]
     examples = stratified_subset(dev, args.n)
-    _timed(vlm, examples[:8], batch_size=8)  # warm-up
+    if args.mode == "likelihood" and args.benchmark != "mmbench_ru":
+        parser.error("--mode likelihood is a MMBench-ru protocol")
+    _timed(vlm, examples[:8], args.mode, batch_size=8)  # warm-up
 
     runs = {}
     if not args.skip_single:
         t0 = time.perf_counter()
-        single = [_timed(vlm, [ex], batch_size=1, prefix_cache=False)[0] for ex in examples]
+        single = [_timed(vlm, [ex], args.mode, batch_size=1, prefix_cache=False)[0]
+                  for ex in examples]
         runs["one at a time"] = ({s.samples[0]["sample_id"]: s.samples[0]["output"] for s in single},
                                  time.perf_counter() - t0,
                                  sum(s.metrics["prefill_tokens_per_sample"] for s in single) / len(single))
     for name, cache in (("batched", False), ("batched + prefix cache", True)):
-        result, seconds = _timed(vlm, examples, batch_size=args.batch_size, prefix_cache=cache)
+        result, seconds = _timed(vlm, examples, args.mode, batch_size=args.batch_size,
+                                 prefix_cache=cache)
         runs[name] = ({s["sample_id"]: s["output"] for s in result.samples}, seconds,
                       result.metrics["prefill_tokens_per_sample"])
 
@@ -65,7 +71,8 @@ def main() -> int:
     cached_out, cached_s, cached_tok = runs["batched + prefix cache"]
     images = len({ex.get("imageId", ex.get("index")) for ex in examples})
     report = {
-        "preset": args.preset, "benchmark": args.benchmark, "n": len(examples),
+        "preset": args.preset, "benchmark": args.benchmark, "mode": args.mode,
+        "n": len(examples),
         "images_or_groups": images, "image_tokens": vlm.n_image_tokens,
         "batch_size": args.batch_size, "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -82,7 +89,7 @@ def main() -> int:
         print(json.dumps(report, indent=2))
     else:
         print(f"{args.preset} model ({vlm.n_image_tokens} image tokens), {len(examples)} "
-              f"{args.benchmark} dev questions on {images} images/groups, torch "
+              f"{args.benchmark} ({args.mode}) dev questions on {images} images/groups, torch "
               f"{torch.__version__}, {torch.get_num_threads()} threads")
         for name, r in report["runs"].items():
             print(f"{name:<24}: {r['samples_per_s']:8.1f} samples/s, "

@@ -158,8 +158,13 @@ def load_gqa(source: str = GQA_ID, split: str = "testdev") -> list[dict]:
     row_of = {str(image_id): i for i, image_id in enumerate(images["id"])}
     image_col = images.select_columns(["image"])
 
+    loaders: dict[int | None, Any] = {}
+
     def loader(i: int | None):
-        return (lambda: None) if i is None else (lambda: image_col[i]["image"])
+        # one loader per image: evaluation decodes an image once for all its questions
+        if i not in loaders:
+            loaders[i] = (lambda: None) if i is None else (lambda: image_col[i]["image"])
+        return loaders[i]
 
     records = []
     for i, rec in enumerate(questions.to_list()):

@@ -182,9 +182,12 @@ def evaluate(vlm, examples: list[dict], config: EvalConfig | None = None, *,
     start, size = 0, batch_size
     while start < len(order):
         idx = order[start:start + size]
-        images, oks = [], []
-        for i in idx:
-            img, ok = load_image(examples[i])
+        images, oks, decoded = [], [], {}
+        for i in idx:  # rows that share an image loader share one decoded image
+            key = id(examples[i].get("_image"))
+            if key not in decoded:
+                decoded[key] = load_image(examples[i])
+            img, ok = decoded[key]
             images.append(img if ok else _blank(vlm))
             oks.append(ok)
         tb = time.perf_counter()
@@ -226,7 +229,8 @@ def _answer(vlm, config: EvalConfig, examples, prompts, idx, images, max_new, st
     """Outputs (and, in likelihood mode, the chosen letters) for one batch."""
     if config.mode == "likelihood":
         opts = [list(examples[i]["options"].values()) for i in idx]
-        scores = vlm.option_logprobs([prompts[i] for i in idx], images, opts)
+        scores = vlm.option_logprobs([prompts[i] for i in idx], images, opts,
+                                     prefix_cache=prefix_cache)
         letters = [list(examples[i]["options"])[max(range(len(s)), key=s.__getitem__)]
                    for i, s in zip(idx, scores)]
         return [examples[i]["options"][letter] for i, letter in zip(idx, letters)], letters

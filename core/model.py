@@ -108,14 +108,23 @@ class VLM:
             answers = [_cut(a, stop_strings) for a in answers]
         return [a.strip() for a in answers]
 
-    def option_logprobs(self, texts: list[str], images: list,
-                        options: list[list[str]]) -> list[list[float]]:
+    def option_logprobs(self, texts: list[str], images: list, options: list[list[str]], *,
+                        prefix_cache: bool = False) -> list[list[float]]:
         """Mean log-probability per token of each option text as the assistant's answer.
 
         One forward pass over every (prompt, option) pair of the batch; options end with
-        ``<|eot_id|>`` so that "синий" is not rewarded as a prefix of a longer answer.
+        ``<|eot_id|>`` so that "синий" is not rewarded as a prefix of a longer answer. With
+        ``prefix_cache``, each image's shared prompt prefix runs once (``core.prefix``).
         """
         import torch
+
+        if prefix_cache:
+            from core.prefix import option_logprobs_shared
+
+            shared = option_logprobs_shared(self, texts, images, options)
+            if shared is not None:
+                self.prefill_positions += shared[1]
+                return shared[0]
 
         pairs, owners = [], []
         for i, (text, opts) in enumerate(zip(texts, options)):

@@ -61,6 +61,28 @@ def split_point(rows: list[list[int]], owners: list[int], image_token_id: int) -
     return p if p > last_image else None
 
 
+def encode_rows(vlm, prompts: list[str], images: list):
+    """Token ids per row, each row's image index, the first row of each image, and pixels.
+
+    The image processor runs once per *distinct* image (the processor would run it once per
+    row); the ``<image>`` placeholder is expanded to the image's tokens as the processor does.
+    """
+    key_of: dict[int, str] = {}  # rows of one question group usually share the PIL object
+    for img in images:
+        if id(img) not in key_of:
+            key_of[id(img)] = image_key(img)
+    keys = [key_of[id(img)] for img in images]
+    distinct = list(dict.fromkeys(keys))
+    index = {k: j for j, k in enumerate(distinct)}
+    owners = [index[k] for k in keys]
+    first_row = [keys.index(k) for k in distinct]
+    expanded = [p.replace(IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER * vlm.n_image_tokens) for p in prompts]
+    rows = vlm.tokenizer(expanded, add_special_tokens=False)["input_ids"]
+    pixels = vlm.processor.image_processor([images[i] for i in first_row],
+                                           return_tensors="pt")["pixel_values"]
+    return rows, owners, first_row, pixels
+
+
 def _cache_kwarg(model) -> str:
     """transformers 5 names the cache argument ``cache``; earlier releases ``past_key_values``."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps it
@@ -81,21 +103,14 @@ def generate_shared(vlm, texts: list[str], images: list, *, max_new_tokens: int,
 
     tok = vlm.tokenizer
     prompts = [vlm.chat_prompt(t) for t in texts]
-    keys = [image_key(img) for img in images]
-    distinct = list(dict.fromkeys(keys))
-    owners = [distinct.index(k) for k in keys]
-    first_row = [keys.index(k) for k in distinct]
-    enc = vlm.processor(text=prompts, images=images, return_tensors="pt", padding=True,
-                        add_special_tokens=False)
-    rows = [ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
-    image_id = tok.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
-    p = split_point(rows, owners, image_id)
+    rows, owners, first_row, pixels = encode_rows(vlm, prompts, images)
+    p = split_point(rows, owners, tok.convert_tokens_to_ids(IMAGE_PLACEHOLDER))
     if p is None:
         return None
     device = vlm.device
     name = _cache_kwarg(vlm.model)
     prefix_ids = torch.tensor([rows[i][:p] for i in first_row], device=device)
-    pixels = enc["pixel_values"][first_row].to(device)
+    pixels = pixels.to(device)
     width = max(len(r) for r in rows) - p
     pad = tok.pad_token_id
     ids = torch.tensor([r[:p] + [pad] * (width - (len(r) - p)) + r[p:] for r in rows],
@@ -112,5 +127,66 @@ def generate_shared(vlm, texts: list[str], images: list, *, max_new_tokens: int,
             do_sample=False, num_beams=1, repetition_penalty=repetition_penalty,
             eos_token_id=vlm.stop_ids, pad_token_id=pad)
     answers = tok.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
-    return answers, len(distinct) * p + len(rows) * width
+    return answers, len(first_row) * p + len(rows) * width
 
+
+
+def option_logprobs_shared(vlm, texts: list[str], images: list,
+                           options: list[list[str]]) -> tuple[list[list[float]], int] | None:
+    """``VLM.option_logprobs`` with each image's prompt prefix computed once.
+
+    Every (prompt, option) pair of an image shares the chat header, the image, the hint and the
+    question; only the option lines and the option text differ. The prefix runs once per
+    distinct image; the pairs' suffixes run as one right-padded batch on copies of its cache,
+    with explicit positions. The prefix stops before the token that predicts each pair's first
+    option token, so every scored logit comes from the suffix pass.
+
+    Returns:
+        ``(scores, positions)`` as ``VLM.option_logprobs`` would score them, and the prefill
+        token positions, or None when the batch has no usable shared prefix.
+    """
+    import torch
+
+    from core.model import EOT_TOKEN
+
+    tok = vlm.tokenizer
+    full, pair_images, owners_of_pair, conts = [], [], [], []
+    for i, (text, opts) in enumerate(zip(texts, options)):
+        prompt = vlm.chat_prompt(text)
+        for opt in opts:
+            full.append(prompt + opt + EOT_TOKEN)
+            conts.append(opt + EOT_TOKEN)
+            pair_images.append(images[i])
+            owners_of_pair.append(i)
+    cont_lens = [len(ids) for ids in tok(conts, add_special_tokens=False)["input_ids"]]
+    rows, owners, first_row, pixels = encode_rows(vlm, full, pair_images)
+    p = split_point(rows, owners, tok.convert_tokens_to_ids(IMAGE_PLACEHOLDER))
+    if p is None:
+        return None
+    p = min([p] + [len(r) - n - 1 for r, n in zip(rows, cont_lens)])
+    if p <= 0:
+        return None
+    device = vlm.device
+    base = vlm._base()
+    name = _cache_kwarg(vlm.model)
+    width = max(len(r) for r in rows) - p
+    pad = tok.pad_token_id
+    suffix = torch.tensor([r[p:] + [pad] * (width - len(r) + p) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r) + p) for r in rows], device=device)
+    positions = torch.arange(p, p + width, device=device).expand(len(rows), -1)
+    prefix_ids = torch.tensor([rows[i][:p] for i in first_row], device=device)
+    scores: list[list[float]] = [[] for _ in texts]
+    with torch.inference_mode():
+        out = base.model(input_ids=prefix_ids, attention_mask=torch.ones_like(prefix_ids),
+                         pixel_values=pixels.to(device), use_cache=True)
+        cache = out[name]
+        cache.batch_select_indices(torch.tensor(owners, device=device))
+        hidden = base.model(input_ids=suffix, attention_mask=mask, position_ids=positions,
+                            use_cache=True, **{name: cache}).last_hidden_state
+        for row, (owner, n) in enumerate(zip(owners_of_pair, cont_lens)):
+            end = len(rows[row]) - p  # suffix length of this row; the option is its last n tokens
+            logits = base.lm_head(hidden[row, end - 1 - n:end - 1]).float()
+            logp = torch.log_softmax(logits, dim=-1)
+            target = suffix[row, end - n:end]
+            scores[owner].append(float(logp.gather(-1, target[:, None]).mean()))
+    return scores, len(first_row) * p + len(rows) * width

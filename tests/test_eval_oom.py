@@ -30,9 +30,9 @@ class _Tight:
         self._check(texts)
         return self.vlm.generate(texts, images, **kwargs)
 
-    def option_logprobs(self, texts, images, options):
+    def option_logprobs(self, texts, images, options, **kwargs):
         self._check(texts)
-        return self.vlm.option_logprobs(texts, images, options)
+        return self.vlm.option_logprobs(texts, images, options, **kwargs)
 
 
 def _examples(benchmark: str, n: int) -> list[dict]:

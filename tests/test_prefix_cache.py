@@ -74,6 +74,31 @@ def test_mmbench_rotations_identical_with_and_without_the_prefix_cache(tiny_vlm)
     assert cached == plain
 
 
+@pytest.mark.parametrize("batch_size", [3, 8])
+def test_mmbench_likelihood_identical_with_and_without_the_prefix_cache(tiny_vlm, batch_size):
+    # Rotations of 2, 3 and 4 options, hints on some, batches cutting groups apart.
+    examples = _mmb_set(6)
+    config = EvalConfig(mode="likelihood")
+    cached, m_cached = _outputs(tiny_vlm, examples, config, batch_size=batch_size, prefix_cache=True)
+    plain, m_plain = _outputs(tiny_vlm, examples, config, batch_size=batch_size, prefix_cache=False)
+    assert cached == plain
+    assert m_cached["prefill_tokens_per_sample"] < m_plain["prefill_tokens_per_sample"] / 2
+
+
+def test_option_scores_match_the_full_prompt_scores(tiny_vlm):
+    # Not only the argmax: every option's mean log-probability, including options that share
+    # their first tokens ("красный" / "красный круг") and a question with one image alone.
+    texts = ["Какого цвета фигура?\nA. красный\nB. красный круг", "Что это?\nA. круг\nB. квадрат",
+             "Что это? Ответь буквой.\nA. квадрат\nB. круг"]
+    images = [_image(0), _image(1), _image(1)]
+    options = [["красный", "красный круг"], ["круг", "квадрат"], ["квадрат", "круг", "ничего"]]
+    plain = tiny_vlm.option_logprobs(texts, images, options)
+    cached = tiny_vlm.option_logprobs(texts, images, options, prefix_cache=True)
+    assert [len(c) for c in cached] == [2, 2, 3]
+    for got, want in zip(cached, plain):
+        assert got == pytest.approx(want, abs=1e-4)
+
+
 def test_changed_decoding_settings_also_match(tiny_vlm):
     config = EvalConfig(max_new_tokens=6, repetition_penalty=1.3, stop_strings=["."])
     examples = _gqa_set([3, 2])

@@ -251,3 +251,27 @@ def test_nf4_loading_on_cpu(world):
     assert vlm.generate(["Какого цвета фигура слева?\nОтветь одним словом."], [_image()])
     scores = vlm.option_logprobs(["Какого цвета фигура?"], [_image()], [["красный", "синий"]])
     assert len(scores[0]) == 2
+
+
+@pytest.mark.slow
+def test_testdev_asks_gqa_many_questions_per_image_and_the_prefix_cache_agrees(world):
+    from collections import Counter
+
+    from core.data import load_gqa
+    from core.evaluate import evaluate
+    from core.model import load_vlm
+
+    testdev = load_gqa(str(world.data_dir / "GQA-ru"), "testdev")
+    train = load_gqa(str(world.data_dir / "GQA-ru"), "train")
+    per_image = Counter(q["imageId"] for q in testdev)
+    # real testdev: 12,216 questions on 398 images; the demo's few per image stay in train
+    assert 24 <= len(testdev) / len(per_image) <= 34
+    assert len(train) / len({q["imageId"] for q in train}) < 5
+    assert len({q["id"] for q in testdev}) == len(testdev)
+    vlm = load_vlm(world.model_dir)
+    some = [q for q in testdev if q["imageId"] in sorted(per_image)[:3]]
+    cached = evaluate(vlm, some, batch_size=16, progress=False, prefix_cache=True)
+    plain = evaluate(vlm, some, batch_size=16, progress=False, prefix_cache=False)
+    assert [s["output"] for s in cached.samples] == [s["output"] for s in plain.samples]
+    assert (plain.metrics["prefill_tokens_per_sample"]
+            >= 5 * cached.metrics["prefill_tokens_per_sample"])

@@ -9,7 +9,8 @@ fp16 safetensors, the chat template in ``tokenizer_config.json``, the image proc
 ``preprocessor_config.json`` and no processor fields (``patch_size`` ...) at all.
 
 The data is the demo world's synthetic GQA-ru / MMBench-ru / LLaVA-Instruct-ru, written by the
-demo's own writers and scaled to 336 px. A short training on the GQA-ru-like training questions
+demo's own writers and scaled to 336 px; its GQA-ru testdev adds yes/no and relation questions
+(``scenes.verify_questions``) to reach real testdev's ~30 questions per image. A short training on the GQA-ru-like training questions
 makes the answers depend on the image. Deterministic from the seed; cached under
 ``.demo/saiga-tiny-v<VERSION>-seed<seed>``.
 """
@@ -26,7 +27,7 @@ from core.demo.world import DemoWorld
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2
 VOCAB_SIZE = 128320
 BPE_SIZE = 3000
 SPECIAL_IDS = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001,
@@ -74,12 +75,15 @@ def ensure_saiga_tiny(seed: int = 0, cache_dir: Path | None = None) -> SaigaTiny
 def build(world: SaigaTinyWorld, seed: int, *, steps: int | None = None) -> None:
     import torch
 
+    from core.demo import scenes
     from core.demo import world as demo
     from core.demo.saiga_tiny_files import save_like_4_42, upscale_images
 
     torch.set_flush_denormal(True)
     rng = random.Random(seed)
-    train = demo._write_gqa(world.data_dir / "GQA-ru", rng)
+    # testdev asks GQA's ~30 questions per image (train keeps the demo's few), so that
+    # shared-prefix evaluation is measured at the real benchmark's ratio.
+    train = demo._write_gqa(world.data_dir / "GQA-ru", rng, testdev_extra=scenes.verify_questions)
     mmb_train = demo._write_mmbench(world.data_dir / "MMBench-ru", rng)
     instruct = demo._write_instruct(world.data_dir / "LLaVA-Instruct-ru", world.coco_dir, rng)
     upscale_images(world.root, IMAGE_SIZE)

@@ -146,6 +146,53 @@ def questions_for(scene: Scene, rng: random.Random) -> list[Question]:
     return out
 
 
+
+def verify_questions(scene: Scene) -> list[Question]:
+    """GQA-style yes/no and relation questions about the scene, about 24 of them.
+
+    Real GQA-ru testdev asks about 31 questions per image (12,216 on 398 images), most of them
+    verify, exist and relate questions; ``questions_for`` asks three or four. The saiga-tiny
+    world adds these to its testdev so that evaluation sees GQA's questions-per-image ratio,
+    which is what shared-prefix evaluation is measured on. No randomness: the same scene gives
+    the same questions.
+    """
+    def yes_no(kind: str, question: str, truth: bool, types: tuple[str, str, str],
+               semantic: tuple[tuple[str, str], ...]) -> Question:
+        answer = "да" if truth else "нет"
+        return Question(kind=kind, question=question, answer=answer,
+                        full_answer=f"{'Да' if truth else 'Нет'}.", verbose=f"{answer.capitalize()}, "
+                        "если смотреть на картинку.", options=("да", "нет"), semantic=semantic,
+                        types=types)
+
+    colors, kinds = scene.colors(), {s.kind for s in scene.shapes}
+    columns, n = {s.column for s in scene.shapes}, len(scene.shapes)
+    out = [yes_no("exist", f"Есть ли на картинке {fem} фигура?", name in colors,
+                  ("verify", "attr", "existAttr"), (("select", "фигура"), ("exist", name)))
+           for name, (_, fem, _) in COLORS.items()]
+    out += [yes_no("exist", f"Есть ли на картинке {word}?", kind in kinds,
+                   ("verify", "obj", "exist"), (("select", word), ("exist", "")))
+            for kind, word in SHAPE_WORDS.items()]
+    out += [yes_no("exist", f"Есть ли фигура {where}?", col in columns,
+                   ("verify", "rel", "existRel"), (("select", "фигура"), ("relate", where)))
+            for col, where in enumerate(COLUMNS)]
+    out += [yes_no("exist", f"Есть ли на картинке {name} {word}?",
+                   name in colors and kind in kinds, ("verify", "attr", "existAttrObj"),
+                   (("select", word), ("filter color", name), ("exist", "")))
+            for name in COLORS for kind, word in SHAPE_WORDS.items()]
+    out += [yes_no("count", f"Правда ли, что на картинке {word} "
+                   f"{'фигура' if k == 1 else 'фигуры'}?", k == n, ("verify", "obj", "verifyCount"),
+                   (("select", "фигура"), ("count", word)))
+            for k, word in COUNT_WORDS.items()]
+    for col in sorted(columns):
+        shape = scene.at_column(col)
+        out.append(Question(
+            kind="color", question=f"Какого цвета фигура {COLUMNS[col]}?", answer=shape.color,
+            full_answer=f"Фигура {COLUMNS[col]} {COLORS[shape.color][1]}.",
+            verbose=f"Фигура {COLUMNS[col]} такого цвета: {shape.color}.", options=tuple(COLORS),
+            semantic=(("select", "фигура"), ("relate", COLUMNS[col]), ("query", "color")),
+            types=("query", "rel", "relAttr")))
+    return out
+
 MMBENCH_CATEGORIES = {
     "color": ("attribute_recognition", "Attribute Reasoning"),
     "location": ("spatial_relationship", "Relation Reasoning"),

@@ -148,15 +148,18 @@ def _png(img) -> dict:
     return {"bytes": buf.getvalue(), "path": None}
 
 
-def _gqa_rows(prefix: str, n_images: int, rng: random.Random):
+def _gqa_rows(prefix: str, n_images: int, rng: random.Random, extra=None):
+    """GQA-ru rows for ``n_images`` scenes; ``extra(scene)`` adds questions without randomness."""
     images, questions, examples = [], [], []
     for i in range(n_images):
         scene = sc.random_scene(rng)
         img = sc.render(scene, rng)
         image_id = f"{prefix}{i:05d}"
         images.append({"id": image_id, "image": _png(img)})
-        for j, q in enumerate(sc.questions_for(scene, rng)):
-            if rng.random() < LEAD_IN_SHARE:
+        asked = [(q, True) for q in sc.questions_for(scene, rng)]
+        asked += [(q, False) for q in (extra(scene) if extra else [])]
+        for j, (q, may_slip) in enumerate(asked):
+            if may_slip and rng.random() < LEAD_IN_SHARE:
                 q = replace(q, question=flaws.LEAD_IN + q.question)
             qid = f"{image_id}{j}"
             questions.append({
@@ -175,11 +178,12 @@ def _gqa_rows(prefix: str, n_images: int, rng: random.Random):
     return images, questions, examples
 
 
-def _write_gqa(root: Path, rng: random.Random):
+def _write_gqa(root: Path, rng: random.Random, testdev_extra=None):
     configs = []
     train_examples = None
     for split, prefix, n in (("testdev", "t", N_TESTDEV_IMAGES), ("train", "n", N_TRAIN_IMAGES)):
-        images, questions, examples = _gqa_rows(prefix, n, rng)
+        images, questions, examples = _gqa_rows(
+            prefix, n, rng, testdev_extra if split == "testdev" else None)
         if split == "train":
             train_examples = examples
         configs += write_gqa_split(root, split, questions, images)
