@@ -4,7 +4,12 @@ Prints tokens/s, seconds per step and per sample, and peak memory for a short Lo
 GQA-ru demo train questions (cpu profile, or the one ``--gpu`` names); then the derivation of
 the T4 priors that ``core.device.t4_priors()`` gives the loop's cost model.
 
+``--packing`` instead trains one epoch over the same GQA-ru train questions (whole images)
+twice, one record per question and packed by image (``TrainConfig.pack_by_image``), and prints
+seconds, trained questions per second and image tokens per trained question for both.
+
     .venv/bin/python bench/train_speed.py [--steps 20] [--batch-size 16] [--4bit] [--json]
+    .venv/bin/python bench/train_speed.py --packing [--preset demo|saiga-tiny] [--questions 256]
 """
 
 from __future__ import annotations
@@ -64,6 +69,72 @@ def measure(steps: int, batch_size: int, gpu: str, load_in_4bit: bool | None,
             if result.loss_curve else None}
 
 
+def measure_packing(preset: str, n_questions: int, batch_size: int, gpu: str) -> dict:
+    """One epoch over the same whole-image GQA-ru train questions, unpacked and packed."""
+    from collections import defaultdict
+
+    import torch
+
+    from core.data import load_gqa
+    from core.device import resolve_profile
+    from core.model import load_vlm
+    from core.packing import image_tokens_per_question, pack_by_image
+    from core.sft import gqa_records
+    from core.train import TrainConfig, train_lora
+    from loop.sources import resolve_sources
+
+    sources = resolve_sources(preset)
+    by_image: dict[str, list[dict]] = defaultdict(list)
+    for row in load_gqa(sources.data.gqa, "train"):
+        by_image[row["imageId"]].append(row)
+    rows: list[dict] = []
+    for image_id in sorted(by_image):  # whole images, so a pack can hold all their questions
+        if len(rows) >= n_questions:
+            break
+        rows += by_image[image_id]
+    records = gqa_records(rows)
+    profile = resolve_profile(gpu)
+    vlm = load_vlm(sources.model, options=profile.load_options())
+    out = {"preset": preset, "questions": len(records), "images": len({r["imageId"] for r in rows}),
+           "image_tokens": vlm.n_image_tokens, "batch_size": batch_size,
+           "threads": torch.get_num_threads(), "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        train_lora(vlm, records[:2 * batch_size], TrainConfig(steps=2, batch_size=batch_size),
+                   Path(tmp) / "warmup", profile=profile)
+        for name, pack in (("one record per question", False), ("packed by image", True)):
+            config = TrainConfig(epochs=1.0, batch_size=batch_size, lr=3e-3, pack_by_image=pack,
+                                 checkpoint_every=0, checkpoint_every_s=0)
+            t0 = time.perf_counter()
+            result = train_lora(vlm, records, config, Path(tmp) / name.replace(" ", "-"),
+                                profile=profile)
+            wall = time.perf_counter() - t0
+            trained = pack_by_image(records) if pack else records
+            out["runs"][name] = {
+                "records": result.n_examples, "steps": result.steps, "status": result.status,
+                "seconds": round(wall, 2), "questions_per_s": round(len(records) / wall, 2),
+                "tokens_per_question": round(result.tokens / len(records), 1),
+                "image_tokens_per_question": round(
+                    image_tokens_per_question(trained, vlm.n_image_tokens), 1),
+                "loss_first_last": [result.loss_curve[0], result.loss_curve[-1]]
+                if result.loss_curve else None}
+    plain, packed = out["runs"]["one record per question"], out["runs"]["packed by image"]
+    out["speedup"] = round(plain["seconds"] / packed["seconds"], 2)
+    out["token_reduction"] = round(plain["tokens_per_question"] / packed["tokens_per_question"], 2)
+    return out
+
+
+def _print_packing(m: dict) -> None:
+    print(f"LoRA SFT, one epoch over {m['questions']} GQA-ru train questions on {m['images']} "
+          f"images, {m['preset']} model ({m['image_tokens']} image tokens), batch "
+          f"{m['batch_size']} records, {m['threads']} threads")
+    for name, r in m["runs"].items():
+        print(f"  {name:<24}: {r['records']:5d} records, {r['seconds']:7.1f} s, "
+              f"{r['questions_per_s']:6.1f} questions/s, {r['tokens_per_question']:6.1f} tokens "
+              f"and {r['image_tokens_per_question']:5.1f} image tokens per question")
+    print(f"  packing: {m['speedup']:.2f}x faster per epoch, {m['token_reduction']:.2f}x fewer "
+          "tokens per trained question")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -73,9 +144,18 @@ def main() -> int:
                         help="4-bit NF4 base (bitsandbytes; works on CPU too)")
     parser.add_argument("--checkpointing", action="store_true",
                         help="gradient checkpointing on (the t4 profile's setting)")
+    parser.add_argument("--packing", action="store_true",
+                        help="compare one epoch with and without per-image packing")
+    parser.add_argument("--preset", default="demo", help="--packing: demo | saiga-tiny")
+    parser.add_argument("--questions", type=int, default=256, help="--packing: train questions")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+
+    if args.packing:
+        figures = measure_packing(args.preset, args.questions, args.batch_size, args.gpu)
+        print(json.dumps(figures, indent=2)) if args.json else _print_packing(figures)
+        return 0
 
     from core.device import t4_estimate
 
