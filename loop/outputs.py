@@ -109,8 +109,9 @@ def write_run(store, run_id: int, output_path: str | Path,
                 examples=examples if all(e is not None for e in examples) else [],
                 n_original=((env.get("sizes") or {}).get(b) or {}).get("final"),
                 seconds=ev["seconds"] or 0.0))
-        config = harness_config(model, batch_size=cfg.get("batch_size"),
-                                device=(env.get("profile") or {}).get("name"),
+        profile = env.get("profile") or {}
+        config = harness_config(model, batch_size=cfg.get("batch_size") or profile.get("eval_batch_size"),
+                                device=profile.get("name"),
                                 limit=cfg.get("final_size"), seed=cfg.get("seed", 0))
         files = write_outputs(Path(output_path) / role, tasks, model=model, config=config,
                               version=version(), extra={

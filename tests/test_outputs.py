@@ -26,12 +26,13 @@ def exported(tmp_path_factory):
     """`loop eval --output_path` on the demo world, once per benchmark, at default flags."""
     root = tmp_path_factory.mktemp("outputs")
     out = {}
-    for bench in ("gqa_ru", "mmbench_ru"):
-        folder = root / bench
+    for name, bench, extra in (("gqa_ru", "gqa_ru", []), ("mmbench_ru", "mmbench_ru", []),
+                               ("likelihood", "mmbench_ru", ["--mode", "likelihood"])):
+        folder = root / name
         args = ["-q", "eval", "--preset", "demo", "--benchmark", bench, "--limit", "24",
-                "--db", str(root / "e.db"), "--output_path", str(folder)]
+                "--db", str(root / "e.db"), "--output_path", str(folder), *extra]
         assert main(args) == 0
-        out[bench] = _files(folder)
+        out[name] = _files(folder)
     return out
 
 
@@ -76,12 +77,18 @@ def test_the_schema_rejects_a_malformed_results_file(exported):
     assert list(validator("eval_results.schema.json").iter_errors(doc))
 
 
-@pytest.mark.parametrize("bench", ["gqa_ru", "mmbench_ru"])
-def test_samples_round_trip_into_the_same_numbers(exported, bench, capsys):
-    doc = json.loads(exported[bench]["results"].read_text(encoding="utf-8"))
-    out = _rescore(capsys, exported[bench][bench])
+@pytest.mark.parametrize("name,bench", [("gqa_ru", "gqa_ru"), ("mmbench_ru", "mmbench_ru"),
+                                        ("likelihood", "mmbench_ru")])
+def test_samples_round_trip_into_the_same_numbers(exported, name, bench, capsys):
+    doc = json.loads(exported[name]["results"].read_text(encoding="utf-8"))
+    check_results(doc)
+    out = _rescore(capsys, exported[name][bench])
     assert out["results"] == doc["results"][bench]
     assert out["recorded"] == out["value"]
+    assert out["metrics"]["per_category"] == doc["loop"]["metrics"][bench]["per_category"]
+    likelihood = name == "likelihood"
+    assert (doc["configs"][bench]["output_type"] == "loglikelihood") == likelihood
+    assert (doc["configs"][bench]["generation_kwargs"] is None) == likelihood
 
 
 def test_rescore_under_another_mode_gives_that_modes_numbers(exported, tmp_path, capsys):
@@ -141,3 +148,26 @@ def test_a_samples_file_that_is_not_json_or_not_there(tmp_path, capsys):
     assert f"{bad}, line 1: not valid JSON" in capsys.readouterr().err
     assert main(["rescore", str(tmp_path / "none.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_run_writes_its_final_evaluations(tmp_path, capsys):
+    out, db = tmp_path / "out", tmp_path / "r.db"
+    assert main(["-q", "run", "--preset", "demo", "--budget", "120s", "--max-cycles", "0",
+                 "--dev-size", "30", "--final-size", "30", "--db", str(db),
+                 "--output_path", str(out)]) == 0
+    assert str(out / "final_champion") in capsys.readouterr().out
+    assert main(["log", "--json", "--db", str(db)]) == 0
+    (run,) = json.loads(capsys.readouterr().out)["runs"]
+    for role in ("final_baseline", "final_champion"):
+        files = _files(out / role)
+        doc = json.loads(files["results"].read_text(encoding="utf-8"))
+        check_results(doc)
+        assert doc["loop"]["role"] == role and doc["loop"]["run_id"] == 1
+        assert set(doc["results"]) == {"gqa_ru", "mmbench_ru"}
+        if role == "final_champion":
+            assert doc["results"]["gqa_ru"]["exact_match,none"] == run["final"]["gqa_ru"]
+            assert doc["results"]["mmbench_ru"]["circular_accuracy,letter"] == \
+                run["final"]["mmbench_ru"]
+        for bench in ("gqa_ru", "mmbench_ru"):
+            assert doc["configs"][bench]["test_split"] == "final"
+            assert _rescore(capsys, files[bench])["results"] == doc["results"][bench]
