@@ -5,7 +5,7 @@ model when there is one, as lm-eval's ``peft=`` does):
 
 - ``results_<date>.json``: ``results`` per task with ``"<metric>,<filter>"`` keys, their
   ``"<metric>_stderr,<filter>"`` and our 95% interval ``"<metric>_ci95,<filter>"``; ``configs``
-  (prompt, generation kwargs, protocol), ``versions``, ``n-shot``, ``higher_is_better``,
+  (prompt, generation kwargs, protocol), ``versions`` (this package's version, which scored), ``n-shot``, ``higher_is_better``,
   ``n-samples`` (``original``: the split, ``effective``: rows answered), ``config`` (model,
   ``model_args``, batch size, limit, seed), ``task_hashes``, and ``loop`` (ours: protocol,
   how the interval is made, the full metrics with per-category breakdowns, the model and

@@ -4,7 +4,9 @@ Scoring starts again from each line's raw answer (``output``) and ``target``: GQ
 matched under both exact-match modes, MMBench-ru's letter is parsed again from the answer and
 its options (likelihood answers keep the letter the likelihood chose), and everything is
 aggregated by ``core.evaluate.summarize``. The same mode as the evaluation gives the same
-numbers; ``mode`` says which metric is the headline.
+numbers; ``mode`` says which metric is the headline. Error labels are kept from the
+evaluation: a line that becomes correct loses them, and one that becomes wrong has none
+(classifying an error needs the dataset record, which a samples file does not hold).
 """
 
 from __future__ import annotations

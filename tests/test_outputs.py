@@ -171,3 +171,13 @@ def test_run_writes_its_final_evaluations(tmp_path, capsys):
         for bench in ("gqa_ru", "mmbench_ru"):
             assert doc["configs"][bench]["test_split"] == "final"
             assert _rescore(capsys, files[bench])["results"] == doc["results"][bench]
+
+
+def test_run_refuses_an_output_path_it_cannot_make_before_running(tmp_path, capsys):
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file, not a folder", encoding="utf-8")
+    db = tmp_path / "r.db"
+    assert main(["-q", "run", "--preset", "demo", "--budget", "60s", "--db", str(db),
+                 "--output_path", str(blocker / "out")]) == 1
+    assert str(blocker) in capsys.readouterr().err
+    assert not db.exists()

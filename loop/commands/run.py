@@ -68,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
                        workdir=args.workdir, strategies=names,
                        objective=args.objective,
                        progress=not args.quiet)
+    if args.output_path:  # a folder that cannot be made fails now, not after the run
+        from pathlib import Path
+
+        Path(args.output_path).mkdir(parents=True, exist_ok=True)
     store = Store(args.db)
     try:
         loop = Loop(config, store, resume=args.resume)
