@@ -22,6 +22,13 @@ def add_json_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object for machines")
 
 
+def add_output_path_arg(parser: argparse.ArgumentParser, what: str = "the evaluation") -> None:
+    parser.add_argument("--output_path", "--output-path", dest="output_path", metavar="DIR",
+                        help=f"also write {what} as lmms-eval / lm-evaluation-harness files: "
+                        "DIR/<model>/results_<date>.json and samples_<task>_<date>.jsonl "
+                        "(one line per question)")
+
+
 def add_source_args(parser: argparse.ArgumentParser) -> None:
     """--preset, --model, --data-dir, --coco-dir: where the weights and the data come from."""
     parser.add_argument("--preset", choices=PRESETS, default="saiga",

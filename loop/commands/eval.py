@@ -10,6 +10,7 @@ from loop.commands._common import (
     GPU_PROFILES,
     add_db_arg,
     add_json_arg,
+    add_output_path_arg,
     add_source_args,
     format_table,
     print_json,
@@ -28,6 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("--samples", action="store_true",
                    help="with --json, also print every per-sample output (prompt, output, "
                    "parsed answer, correct), as recorded in --db")
+    add_output_path_arg(p)
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -88,6 +90,7 @@ def evaluate_model_from_args(args: argparse.Namespace):
             raise UserError(f"the {args.split} split of {args.benchmark} at {where} comes out "
                             "empty: the data are too few to split. Use --split all, or point "
                             "--data-dir at the full dataset.")
+    args.split_size = len(examples)
     if args.limit:
         examples = stratified_subset(examples, args.limit, seed=args.seed)
     vlm = load_model_for(sources.model, args.gpu, adapter=_adapter_path(args))
@@ -102,12 +105,17 @@ def run(args: argparse.Namespace) -> int:
     check_eval_args(args)
     if args.samples and not args.json:
         raise UserError("`--samples` adds every per-sample output to the JSON: add `--json`")
-    _, result, sources, vlm = evaluate_model_from_args(args)
+    examples, result, sources, vlm = evaluate_model_from_args(args)
     model = describe_model(vlm, _adapter_path(args))
     eval_id = record(args, result, model)
     out = {"benchmark": args.benchmark, "split": args.split, "model": sources.model,
            "adapter": args.adapter, "model_info": model, "eval_id": eval_id, "db": args.db,
            **result.to_dict(with_samples=args.samples)}
+    if args.output_path:
+        from loop.outputs import write_eval
+
+        files = write_eval(args, examples, result, model, eval_id, str(vlm.device))
+        out["output_files"] = {k: str(v) for k, v in files.items()}
     if args.json:
         print_json(out)
     else:
@@ -115,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         for s in result.samples[: args.show]:
             mark = "+" if s["correct"] else "-"
             print(f"{mark} {s['question']} | gold: {s['answer']} | model: {s['output']!r}")
+        for path in out.get("output_files", {}).values():
+            print(f"wrote {path}")
     return 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from loop.commands._common import GPU_PROFILES, add_db_arg, add_source_args
+from loop.commands._common import GPU_PROFILES, add_db_arg, add_output_path_arg, add_source_args
 
 
 def add_parser(sub) -> None:
@@ -40,6 +40,7 @@ def add_parser(sub) -> None:
     p.add_argument("--workdir", metavar="DIR",
                    help="where adapters, SFT data and reports go, in DIR/run-<id> (default: "
                    "beside the database, <db stem>.runs/run-<id>, so databases never share files)")
+    add_output_path_arg(p, "the final evaluations (base, champion) under DIR/<role>/")
     add_source_args(p)
     add_db_arg(p)
     p.set_defaults(func=run)
@@ -67,9 +68,19 @@ def run(args: argparse.Namespace) -> int:
                        workdir=args.workdir, strategies=names,
                        objective=args.objective,
                        progress=not args.quiet)
+    if args.output_path:  # a folder that cannot be made fails now, not after the run
+        from pathlib import Path
+
+        Path(args.output_path).mkdir(parents=True, exist_ok=True)
     store = Store(args.db)
     try:
-        run_id = Loop(config, store, resume=args.resume).run()
+        loop = Loop(config, store, resume=args.resume)
+        run_id = loop.run()
+        if args.output_path:
+            from loop.outputs import write_run
+
+            for path in write_run(store, run_id, args.output_path, loop.bench.by_id):
+                print(f"wrote {path} (and its samples files)")
     finally:
         store.close()
     run_row = Store(args.db).get_run(run_id)
