@@ -182,7 +182,8 @@ class Loop:
         self.budget = Budget(cfg.budget_s, cfg.reserve_fraction, spent_before=spent)
         self.store.track_spent(self.run_id, self.budget.spent)
         self.report = RunReporter(open_tracker(cfg.report_to, folder=self.store.run_dir(self.run_id),
-                                               run_name=f"run-{self.run_id}", config=asdict(cfg)))
+                                               run_name=f"run-{self.run_id}",
+                                               config=cfg.options or asdict(cfg)))
 
     def set_up(self) -> None:
         """Load the base model once, load the data, build the fixed splits and subsets."""

@@ -140,3 +140,32 @@ def test_show_config_prints_a_file_that_resolves_to_the_runs_options(reported_ru
     again.write_text(text, encoding="utf-8")
     resolved = resolved_options(parse_args(build_parser(), ["run", "--config", str(again)]))
     assert resolved == stored
+
+
+@pytest.mark.slow
+def test_train_reports_its_loss_curve_and_eval_records_its_options(reported_run, tmp_path,
+                                                                    capsys):
+    """`loop train --report-to tensorboard` writes the loss per step and the GQA-ru dev score
+    before and after; `loop eval --config` records the options it resolved with the evaluation."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = tmp_path / "t.yaml"
+    config.write_text("preset: demo\ngpu: cpu\nsteps: 3\nbatch-size: 4\neval-limit: 10\n"
+                      "report-to: tensorboard\n", encoding="utf-8")
+    out = tmp_path / "adapter"
+    assert main(["-q", "train", "--config", str(config), "--out", str(out), "--json"]) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+    assert [e.step for e in events.Scalars("train/gqa_ru_dev")] == [0, 3]
+
+    config.write_text("preset: demo\ngpu: cpu\nbenchmark: gqa_ru\nlimit: 12\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["-q", "eval", "--config", str(config), "--split", "final", "--json",
+                 "--db", str(reported_run)]) == 0
+    eval_id = json.loads(capsys.readouterr().out)["eval_id"]
+    con = sqlite3.connect(reported_run)
+    row = con.execute("select candidate from loop_evaluations where id = ?", [eval_id]).fetchone()
+    options = json.loads(row[0])["options"]
+    assert options["limit"] == 12 and options["split"] == "final"
+    assert options["benchmark"] == "gqa_ru" and options["preset"] == "demo"
