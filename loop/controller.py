@@ -232,7 +232,9 @@ class Loop:
         scores = {b: self.bench.load_scored(i) for b, i in done["eval_ids"].items()}
         self.echo("baseline (dev): " + _fmt_scores(scores))
         self.report.baseline(scores)
-        return self.replay(champion, scores)
+        champion, scores = self.replay(champion, scores)
+        self.report.set_champion(scores)  # a resumed run's, for the next cycles' curve
+        return champion, scores
 
     def replay(self, champion: Candidate, scores: dict[str, Scored]):
         """Rebuild the champion and the history from the cycles already recorded (resume)."""

@@ -203,16 +203,20 @@ class RunReporter:
     def close(self) -> None:
         self.tracker.close()
 
+    def set_champion(self, scores: dict) -> None:
+        """The champion's dev scores (``{benchmark: Scored}``), the curve's next value."""
+        self.champion = {b: s.metrics["accuracy"] for b, s in scores.items()}
+
     @_guarded
     def baseline(self, scores: dict) -> None:
-        self.champion = {b: s.metrics["accuracy"] for b, s in scores.items()}
+        self.set_champion(scores)
         self.tracker.log_scalars({f"dev/{b}/champion": v for b, v in self.champion.items()}, 0)
 
     @_guarded
     def cycle(self, index: int, strategy: str, status: str, rationale: str, results: dict,
               paired: dict, error: str | None = None) -> None:
         if status == "accepted":
-            self.champion = {b: s.metrics["accuracy"] for b, s in results.items()}
+            self.set_champion(results)
         values = {f"dev/{b}/champion": v for b, v in self.champion.items()}
         values.update({f"dev/{b}/candidate": s.metrics["accuracy"] for b, s in results.items()})
         values.update({f"decision/{b}/p_value": p["p_value"] for b, p in paired.items()
