@@ -10,6 +10,7 @@ import sys
 
 from core.exceptions import UserError
 from loop.commands import COMMANDS
+from loop.config_file import parse_args
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,11 @@ def configure_logging(verbose: bool, quiet: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:  # a --config file's problems are the user's, like a bad flag's
+        args = parse_args(parser, argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     configure_logging(args.verbose, args.quiet)
     try:
         return int(args.func(args) or 0)

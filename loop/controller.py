@@ -21,6 +21,7 @@ from core.exceptions import UserError
 from loop.budget import Budget, CostModel, fmt_s, priors
 from loop.decision import OBJECTIVES, comparisons_made, judge, paired_scores
 from loop.policy import Choice, choose
+from loop.trackers import TRACKERS, RunReporter, Tracker, check, open_tracker
 from loop.workbench import Scored, Workbench
 from strategies.base import (
     BENCHMARKS,
@@ -71,6 +72,12 @@ class RunConfig:
     beside the database, <db stem>.runs/run-<id>/."""
     strategies: list[str] = field(default_factory=lambda: strategies.names())
     progress: bool = True
+    report_to: str = "none"
+    """Experiment tracker that also receives the run's numbers: none | tensorboard | mlflow |
+    wandb (``loop.trackers``); the database stays the record."""
+    options: dict | None = None
+    """The command's resolved options (flags over ``--config`` file over defaults), by argparse
+    destination; ``loop show --config`` prints them as a file that reproduces the run."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -86,6 +93,9 @@ class RunConfig:
         unknown = [s for s in self.strategies if s not in strategies.REGISTRY]
         if unknown:
             problems.append(f"unknown strategies {unknown}; valid: {strategies.names()}")
+        if self.report_to not in TRACKERS:
+            problems.append(f"report_to must be one of {', '.join(TRACKERS)}, "
+                            f"got '{self.report_to}'")
         if problems:
             raise UserError("invalid run configuration: " + "; ".join(problems))
 
@@ -103,6 +113,7 @@ class Loop:
         self.history: list[dict] = []
         self.exhausted: set[str] = set()  # nothing left to try in this run
         self.blocked: set[str] = set()  # could not propose; not again before a new champion
+        self.report = RunReporter(Tracker())  # --report-to: a copy of the numbers, off by default
 
     # ------------------------------------------------------------ the recipe
 
@@ -126,6 +137,7 @@ class Loop:
             raise
         finally:
             self.store.release_run_lock()
+            self.report.close()
         return self.run_id
 
     # ------------------------------------------------------------ steps
@@ -144,6 +156,7 @@ class Loop:
             stored = {k: v for k, v in (run.get("config") or {}).items()
                       if k in RunConfig.__dataclass_fields__}
             self.config = cfg = RunConfig(**{**stored, "progress": cfg.progress})
+            check(cfg.report_to)  # the run's own tracker, before the run is taken up again
             self.store.acquire_run_lock(run["id"])
             self.run_id = run["id"]
             _ensure_writable(self.store.run_dir(self.run_id))
@@ -168,6 +181,9 @@ class Loop:
         self.sources = resolve_sources(cfg.preset, cfg.model, cfg.data_dir, cfg.coco_dir, cfg.seed)
         self.budget = Budget(cfg.budget_s, cfg.reserve_fraction, spent_before=spent)
         self.store.track_spent(self.run_id, self.budget.spent)
+        self.report = RunReporter(open_tracker(cfg.report_to, folder=self.store.run_dir(self.run_id),
+                                               run_name=f"run-{self.run_id}",
+                                               config=cfg.options or asdict(cfg)))
 
     def set_up(self) -> None:
         """Load the base model once, load the data, build the fixed splits and subsets."""
@@ -185,7 +201,8 @@ class Loop:
         self.bench = Workbench(store=self.store, run_id=self.run_id, vlm=vlm, profile=profile,
                                sources=sources, budget=self.budget, costs=costs, seed=cfg.seed,
                                workdir=workdir, batch_size=cfg.batch_size or profile.eval_batch_size,
-                               progress=cfg.progress, prefix_cache=cfg.prefix_cache)
+                               progress=cfg.progress, prefix_cache=cfg.prefix_cache,
+                               on_train_step=self.report.train_step)
         sizes = self.bench.load_data(cfg.dev_size, cfg.final_size)
         self.echo(f"run {self.run_id}: {sources.model} on {profile.name}, loaded in "
                   f"{time.time() - t0:.0f} s; dev subsets "
@@ -214,7 +231,10 @@ class Loop:
             done = {"eval_ids": ids}
         scores = {b: self.bench.load_scored(i) for b, i in done["eval_ids"].items()}
         self.echo("baseline (dev): " + _fmt_scores(scores))
-        return self.replay(champion, scores)
+        self.report.baseline(scores)
+        champion, scores = self.replay(champion, scores)
+        self.report.set_champion(scores)  # a resumed run's, for the next cycles' curve
+        return champion, scores
 
     def replay(self, champion: Candidate, scores: dict[str, Scored]):
         """Rebuild the champion and the history from the cycles already recorded (resume)."""
@@ -356,13 +376,15 @@ class Loop:
                     s.result = _as_result(self.bench, s)
         base_s, champ_s = results["final_baseline"], results["final_champion"]
         deployed = results.get("final_deployed")
+        final_p = {b: paired_scores(base_s[b], champ_s[b]).p_value for b in BENCHMARKS}
         self.store.update_run(
             self.run_id, baseline={b: s.metrics["accuracy"] for b, s in base_s.items()},
             final={b: s.metrics["accuracy"] for b, s in champ_s.items()},
             final_n={b: s.metrics["n"] for b, s in champ_s.items()},
             final_deployed={b: s.metrics["accuracy"] for b, s in deployed.items()}
             if deployed else None,
-            final_p={b: paired_scores(base_s[b], champ_s[b]).p_value for b in BENCHMARKS})
+            final_p=final_p)
+        self.report.final(base_s, champ_s, deployed, final_p, step=len(self.history) + 1)
         self.echo("final split (lmms-eval protocol): " + "; ".join(
             f"{b} baseline {_pct_ci(base_s[b].metrics)} -> champion {_pct_ci(champ_s[b].metrics)}"
             for b in BENCHMARKS))
@@ -461,6 +483,8 @@ class Loop:
         self.history.append(_history_entry(index, choice.strategy, status,
                                            candidate.to_dict() if candidate else None,
                                            paired or {}))
+        self.report.cycle(index, choice.strategy, status, choice.rationale, results, paired or {},
+                          error)
         self.echo(f"cycle {index}: {choice.strategy} {status}"
                   + (f" ({_fmt_scores(results)}; " + ", ".join(
                       f"{b} p={p['p_value']:.3g}" for b, p in (paired or {}).items()) + ")"

@@ -44,11 +44,13 @@ class Scored:
 class Workbench:
     def __init__(self, *, store, run_id: int, vlm, profile, sources, budget: Budget,
                  costs: CostModel, seed: int, workdir: Path, batch_size: int, progress: bool,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, on_train_step=None):
         self.store, self.run_id, self.vlm, self.profile = store, run_id, vlm, profile
         self.sources, self.budget, self.costs, self.seed = sources, budget, costs, seed
         self.workdir, self.batch_size, self.progress = workdir, batch_size, progress
         self.prefix_cache = prefix_cache
+        self.on_train_step = on_train_step
+        """Called with (adapter name, step, loss) after each optimizer step of a training."""
         self.examples: dict[str, list[dict]] = {}
         self.dev: dict[str, list[dict]] = {}
         self.tune: dict[str, list[dict]] = {}
@@ -241,7 +243,7 @@ class Workbench:
         checkpoint, whatever the strategy proposes this time; an unusable checkpoint is set
         aside and training starts again in a fresh folder.
         """
-        from core.train import train_lora
+        from core.train import TrainHooks, train_lora
         from strategies.base import ProposalFailed
         from strategies.guard import LeakageError, screen
 
@@ -256,6 +258,9 @@ class Workbench:
         deadline = self.budget.deadline(deadline_s)
         self.vlm.set_adapter(None)
         kwargs = dict(deadline=deadline, profile=self.profile, adapter_name=adapter_name(str(out)))
+        if self.on_train_step is not None:
+            kwargs["hooks"] = TrainHooks(
+                after_step=lambda step, loss: self.on_train_step(name, step, loss))
         try:
             result = train_lora(self.vlm, records, config, out, resume=True, **kwargs)
         except Exception as exc:

@@ -15,6 +15,7 @@ from loop.commands._common import (
     format_table,
     print_json,
 )
+from loop.config_file import add_config_arg
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ def add_parser(sub) -> None:
                    "parsed answer, correct), as recorded in --db")
     add_output_path_arg(p)
     add_json_arg(p)
+    add_config_arg(p)
     p.set_defaults(func=run)
 
 
@@ -138,6 +140,7 @@ def describe_model(vlm, adapter_path: str | None) -> dict:
 
 def record(args: argparse.Namespace, result, model: dict) -> int:
     """Store the evaluation and every per-sample output in ``--db`` (role "manual")."""
+    from loop.config_file import resolved_options
     from loop.store import Store
 
     adapter_id = int(args.adapter) if args.adapter and args.adapter.isdigit() else None
@@ -148,7 +151,7 @@ def record(args: argparse.Namespace, result, model: dict) -> int:
             seconds=result.seconds, adapter_id=adapter_id,
             candidate={"strategy": "manual", "model": model, "limit": args.limit,
                        "seed": args.seed, "eval_configs": {args.benchmark: result.config},
-                       "adapter_path": model["adapter"]})
+                       "adapter_path": model["adapter"], "options": resolved_options(args)})
         store.add_predictions(eval_id, result.samples)
     log.info("evaluation %d and its %d predictions recorded in %s", eval_id, result.n, args.db)
     return eval_id

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from loop.commands._common import GPU_PROFILES, add_db_arg, add_output_path_arg, add_source_args
+from loop.config_file import add_config_arg
+from loop.trackers import add_report_arg
 
 
 def add_parser(sub) -> None:
@@ -41,15 +43,21 @@ def add_parser(sub) -> None:
                    help="where adapters, SFT data and reports go, in DIR/run-<id> (default: "
                    "beside the database, <db stem>.runs/run-<id>, so databases never share files)")
     add_output_path_arg(p, "the final evaluations (base, champion) under DIR/<role>/")
+    add_report_arg(p)
     add_source_args(p)
     add_db_arg(p)
+    add_config_arg(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from loop.trackers import check
+
+    check(args.report_to)  # before anything runs or the database is touched
     import strategies
     from core.exceptions import UserError
     from loop.budget import parse_duration
+    from loop.config_file import resolved_options
     from loop.controller import Loop, RunConfig
     from loop.store import Store
 
@@ -66,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
                        dev_size=args.dev_size, final_size=args.final_size,
                        batch_size=args.batch_size, prefix_cache=args.prefix_cache,
                        workdir=args.workdir, strategies=names,
-                       objective=args.objective,
+                       objective=args.objective, report_to=args.report_to,
+                       options={**resolved_options(args), "strategies": ",".join(names)},
                        progress=not args.quiet)
     if args.output_path:  # a folder that cannot be made fails now, not after the run
         from pathlib import Path

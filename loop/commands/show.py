@@ -1,4 +1,5 @@
-"""``python -m loop show CYCLE``: one cycle's decision, why, errors and examples."""
+"""``python -m loop show CYCLE``: one cycle's decision, why, errors and examples;
+``python -m loop show --config [RUN]``: the YAML file that reproduces a run."""
 
 from __future__ import annotations
 
@@ -30,9 +31,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Show one cycle of a run: the strategy and why it was chosen, the candidate, "
         "its dev accuracy with 95% intervals and the paired test against the champion, the "
         "error profile, and answers it fixed or still gets wrong.")
-    parser.add_argument("cycle", type=int, metavar="CYCLE",
+    parser.add_argument("cycle", type=int, metavar="CYCLE", nargs="?",
                         help="cycle index as listed by `python -m loop log` (0 is the baseline "
                         "when the run recorded no cycle 0)")
+    parser.add_argument("--config", dest="config_run", nargs="?", const=0, type=int,
+                        metavar="RUN", help="print instead the run's resolved options as a YAML "
+                        "file that `loop run --config FILE` reproduces it with (default: --run, "
+                        "or the latest run)")
     parser.add_argument("--run", type=int, metavar="ID", help="run id (default: the latest run)")
     parser.add_argument("--examples", type=int, default=5, metavar="N",
                         help="examples of each kind per benchmark (default: 5)")
@@ -44,17 +49,51 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from loop.store import Store
 
+    if args.cycle is None and args.config_run is None:
+        raise UserError("say what to show: a CYCLE (listed by `python -m loop log`), or "
+                        "--config [RUN] for the file that reproduces a run")
+    run_id = args.run if not args.config_run else args.config_run  # 0: --config without RUN
     with Store.open_existing(args.db) as store:
-        run_row = store.get_run(args.run) if args.run is not None else store.latest_run()
+        run_row = store.get_run(run_id) if run_id is not None else store.latest_run()
         if run_row is None:
             raise UserError(f"{args.db} has no runs yet; start one with "
                             "`python -m loop run --budget 6h --gpu t4`.")
+        if args.config_run is not None:
+            options = run_options(run_row)
+            if args.json:
+                print_json({"run_id": run_row["id"], "options": options})
+            else:
+                print(config_yaml(run_row, options, args.db), end="")
+            return 0
         view = cycle_view(store, run_row["id"], args.cycle, args.examples)
     if args.json:
         print_json(view)
     else:
         print(render(view))
     return 0
+
+
+def run_options(run_row: dict[str, Any]) -> dict[str, Any]:
+    """The options ``loop run`` resolved for a run (read back from its RunConfig when the run
+    was recorded before the options were)."""
+    config = run_row.get("config") or {}
+    if config.get("options"):
+        return dict(config["options"])
+    options = {k: v for k, v in config.items() if k not in ("alpha", "progress", "options")}
+    options["budget"] = f"{options.pop('budget_s'):g}s"
+    options["reserve"] = options.pop("reserve_fraction")
+    options["strategies"] = ",".join(options.get("strategies") or [])
+    return options
+
+
+def config_yaml(run_row: dict[str, Any], options: dict[str, Any], db: str) -> str:
+    from loop.config_file import to_yaml
+
+    header = (f"Run {run_row['id']} of {db} ({run_row['status']}, started "
+              f"{run_row['started_at']}): its resolved options.\n"
+              "Reproduce it with `python -m loop run --config THIS.yaml`; flags given on the "
+              "command line override the file.")
+    return to_yaml({k: v for k, v in options.items() if k != "resume"}, header)
 
 
 def cycle_view(store: Store, run_id: int, index: int, limit: int = 5) -> dict[str, Any]:

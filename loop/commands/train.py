@@ -7,6 +7,8 @@ import logging
 import time
 
 from loop.commands._common import GPU_PROFILES, add_json_arg, add_source_args
+from loop.config_file import add_config_arg
+from loop.trackers import add_report_arg
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +56,10 @@ def add_parser(sub) -> None:
                    help="stop cleanly, adapter saved, after this long: 90m, 2h, 600s")
     p.add_argument("--eval-limit", type=int, default=200, metavar="N",
                    help="GQA-ru dev questions to compare before/after on (default 200; 0: skip)")
+    add_report_arg(p)
     add_source_args(p)
     add_json_arg(p)
+    add_config_arg(p)
     p.set_defaults(func=run)
 
 
@@ -71,13 +75,16 @@ def run(args: argparse.Namespace) -> int:
         problems.append(f"`--eval-limit` must be >= 0, but got {args.eval_limit}")
     if problems:
         raise UserError("; ".join(problems))
+    from loop.trackers import check
+
+    check(args.report_to)
     deadline = time.time() + _duration(args.time_limit) if args.time_limit else None
 
     from pathlib import Path
 
     from core.device import resolve_profile
     from core.model import load_vlm
-    from core.train import TrainConfig, train_lora
+    from core.train import TrainConfig, TrainHooks, train_lora
     from loop.commands._common import print_json
     from loop.sources import sources_from_args
 
@@ -98,11 +105,20 @@ def run(args: argparse.Namespace) -> int:
     vlm = load_vlm(sources.model, options=profile.load_options())
     before = _evaluate(vlm, dev, profile, args) if dev else None
     out = Path(args.out or f"adapters/train-{time.strftime('%Y%m%d-%H%M%S')}")
-    result = train_lora(vlm, records, config, out, deadline=deadline, profile=profile,
-                        adapter_name=args.name, resume=args.resume)
-    for key, n in skipped.items():
-        result.skipped[key] = result.skipped.get(key, 0) + n
-    after = _evaluate(vlm, dev, profile, args) if dev and result.ok else None
+    tracker = _tracker(args, out)
+    try:
+        result = train_lora(vlm, records, config, out, deadline=deadline, profile=profile,
+                            adapter_name=args.name, resume=args.resume, hooks=TrainHooks(
+                                after_step=lambda step, loss: tracker.log_scalars(
+                                    {"train/loss": loss}, step, axis="train/step")))
+        for key, n in skipped.items():
+            result.skipped[key] = result.skipped.get(key, 0) + n
+        after = _evaluate(vlm, dev, profile, args) if dev and result.ok else None
+        for step, e in ((0, before), (result.steps, after)):
+            if e:
+                tracker.log_scalars({"train/gqa_ru_dev": e["accuracy"]}, step, axis="train/step")
+    finally:
+        tracker.close()
     report = {"model": sources.model, "profile": profile.name, "records": len(records),
               "guard": guard, "train": result.to_dict(), "eval_before": before,
               "eval_after": after}
@@ -111,6 +127,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(render(report))
     return 0 if result.ok else 1
+
+
+def _tracker(args: argparse.Namespace, out):
+    """``--report-to``: the loss curve also goes to a tracker (files under ``out``)."""
+    from loop.config_file import resolved_options
+    from loop.trackers import open_tracker
+
+    return open_tracker(args.report_to, folder=out, run_name=out.name,
+                        config=resolved_options(args))
 
 
 def _duration(text: str) -> float:
