@@ -13,6 +13,9 @@ from loop.commands import COMMANDS
 
 log = logging.getLogger(__name__)
 
+PARALLEL_COMMANDS = ("eval", "run")
+"""The commands that run on N processes under ``torchrun`` / ``accelerate launch``."""
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -50,8 +53,17 @@ def configure_logging(verbose: bool, quiet: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(args.verbose, args.quiet)
+    from core.distributed import world
+
     try:
+        w = world()
+        # Only rank 0 speaks: the other processes log warnings and show no progress bars.
+        configure_logging(args.verbose and w.is_main, args.quiet or not w.is_main)
+        if w.parallel and args.command not in PARALLEL_COMMANDS:
+            raise UserError(f"`loop {args.command}` runs in one process, but it was started as "
+                            f"process {w.rank} of {w.world_size} (WORLD_SIZE={w.world_size}): "
+                            f"only {' and '.join(f'`loop {c}`' for c in PARALLEL_COMMANDS)} run "
+                            "on several processes; start it with plain `python -m loop`")
         return int(args.func(args) or 0)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
