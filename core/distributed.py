@@ -155,8 +155,6 @@ def evaluate(vlm, examples: list[dict], config: EvalConfig | None = None, **kwar
     """
     if not active():
         return evaluate_one(vlm, examples, config, **kwargs)
-    import torch.distributed as dist
-
     w = world()
     config = config or EvalConfig()
     if not examples:
@@ -174,10 +172,29 @@ def evaluate(vlm, examples: list[dict], config: EvalConfig | None = None, **kwar
         error = exc
         payload = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     payload["questions"] = _fingerprint(examples)
-    parts: list[dict | None] = [None] * w.world_size
+    try:
+        parts = _gather(payload)
+    except RuntimeError:
+        if error is not None:  # this process's own failure, as it was raised
+            raise error from None
+        raise
+    return _merge(examples, config, parts, time.perf_counter() - t0)
+
+
+def join_failed(message: str) -> None:
+    """Take part in an evaluation this process could not prepare: rank 0 raises ``message``."""
+    try:
+        _gather({"ok": False, "error": message, "questions": None})
+    except RuntimeError:
+        pass  # the failure is rank 0's to report
+
+
+def _gather(payload: dict) -> list[dict]:
+    """Every process's payload; raises when any failed or they were given different questions."""
+    import torch.distributed as dist
+
+    parts: list[dict | None] = [None] * world().world_size
     dist.all_gather_object(parts, payload)
-    if error is not None:
-        raise error
     failed = [(r, p["error"]) for r, p in enumerate(parts) if not p["ok"]]
     if failed:
         raise RuntimeError("data-parallel evaluation failed on "
@@ -186,7 +203,7 @@ def evaluate(vlm, examples: list[dict], config: EvalConfig | None = None, **kwar
         raise UserError("the processes of a data-parallel evaluation were given different "
                         "questions: give every process the same data, --split, --limit and "
                         "--seed (and the same data folder on every machine)")
-    return _merge(examples, config, parts, time.perf_counter() - t0)
+    return parts
 
 
 def _merge(examples: list[dict], config: EvalConfig, parts: list[dict],

@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
                             f"process {w.rank} of {w.world_size} (WORLD_SIZE={w.world_size}): "
                             f"only {' and '.join(f'`loop {c}`' for c in PARALLEL_COMMANDS)} run "
                             "on several processes; start it with plain `python -m loop`")
+        if w.parallel:
+            from loop.parallel import run_parallel
+
+            return run_parallel(args)
         return int(args.func(args) or 0)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -11,10 +11,9 @@ log = logging.getLogger(__name__)
 
 def load_options(gpu: str) -> LoadOptions:
     """LoadOptions for a ``--gpu`` profile (``core.device`` logs the reason for each choice)."""
-    from core.device import resolve_profile
-
     from dataclasses import replace
 
+    from core.device import resolve_profile
     from core.distributed import device_for
 
     profile = resolve_profile(gpu)

@@ -107,12 +107,9 @@ def run(args: argparse.Namespace) -> int:
     check_eval_args(args)
     if args.samples and not args.json:
         raise UserError("`--samples` adds every per-sample output to the JSON: add `--json`")
-    w = distributed.setup()
-    try:
-        _, result, sources, vlm = evaluate_model_from_args(args)
-    finally:
-        distributed.teardown()
-    if not w.is_main:  # rank 0 records and prints the gathered evaluation
+    _, result, sources, vlm = evaluate_model_from_args(args)
+    w = distributed.world()
+    if not w.is_main:  # under torchrun, rank 0 records and prints the gathered evaluation
         return 0
     model = describe_model(vlm, _adapter_path(args))
     eval_id = record(args, result, model, processes=w.world_size)
