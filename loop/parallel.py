@@ -40,17 +40,17 @@ def run_parallel(args) -> int:
         distributed.teardown()
 
 
-def evaluate(bench, benchmark: str, config, adapter_path: str | None, examples: list[dict]):
-    """The Workbench's evaluation: on rank 0 under the launcher, shared with the others."""
-    bench.activate(adapter_path)
-    if distributed.active():
-        distributed.broadcast({
-            "setup": {"sources": bench.sources, "profile": bench.profile,
-                      "batch_size": bench.batch_size, "prefix_cache": bench.prefix_cache},
-            "benchmark": benchmark, "config": config.to_dict(), "adapter": adapter_path,
-            "ids": [e["id"] for e in examples]})
-    return distributed.evaluate(bench.vlm, examples, config, batch_size=bench.batch_size,
-                                progress=bench.progress, prefix_cache=bench.prefix_cache)
+def announce(bench, benchmark: str, config, adapter_path: str | None,
+             examples: list[dict]) -> None:
+    """On rank 0 of `loop run`, before each evaluation: tell the serving processes what to
+    evaluate, so that they join it (``core.distributed.evaluate``). Nothing in one process."""
+    if not distributed.active():
+        return
+    distributed.broadcast({
+        "setup": {"sources": bench.sources, "profile": bench.profile,
+                  "batch_size": bench.batch_size, "prefix_cache": bench.prefix_cache},
+        "benchmark": benchmark, "config": config.to_dict(), "adapter": adapter_path,
+        "ids": [e["id"] for e in examples]})
 
 
 def serve() -> int:

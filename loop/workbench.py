@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from core.data import load_benchmark
+from core.distributed import evaluate
 from core.errors import BenchmarkOptimizer
 from core.evaluate import EvalConfig, summarize
 from core.exceptions import UserError
@@ -185,11 +186,14 @@ class Workbench:
         """Evaluate without recording (strategies' searches); feeds the cost model.
 
         Under torchrun / accelerate launch the other processes answer shards of it
-        (``loop.parallel``); the result is the same.
+        (``loop.parallel``, ``core.distributed``); the result is the same.
         """
-        from loop import parallel
+        from loop.parallel import announce
 
-        result = parallel.evaluate(self, benchmark, config, adapter_path, examples)
+        self.activate(adapter_path)
+        announce(self, benchmark, config, adapter_path, examples)
+        result = evaluate(self.vlm, examples, config, batch_size=self.batch_size,
+                          progress=self.progress, prefix_cache=self.prefix_cache)
         self.costs.observe_eval(benchmark, len(examples), result.seconds, config.mode)
         self.store.heartbeat()
         return result

@@ -185,3 +185,41 @@ def test_other_commands_refuse_to_run_on_several_processes(monkeypatch, capsys, 
     monkeypatch.delenv("RANK")
     with pytest.raises(UserError, match="RANK is not set"):
         world()
+
+
+@pytest.mark.slow
+def test_loop_run_under_torchrun_serves_rank_0s_evaluations(demo_world, tmp_path):
+    """Rank 0 drives the loop; rank 1 answers its shards, the trained candidate's included."""
+    from core.data import DataSources, load_benchmark
+    from core.distributed import shard
+    from core.evaluate import EvalConfig, evaluate
+    from core.model import load_vlm
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = _torchrun(["-q", "run", "--preset", "demo", "--budget", "150s", "--max-cycles", "1",
+                      "--dev-size", "20", "--final-size", "20", "--batch-size", "8",
+                      "--strategies", "answer_format_sft", "--db", "e.db"], env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("e.db-")) == \
+        ["e.db", "e.runs"]
+    with Store.open_existing(tmp_path / "e.db") as store:
+        run = store.latest_run()
+        assert run["status"] == "finished"
+        (adapter,) = store.adapters(run["id"])
+        evals = {(e["role"], e["benchmark"]): store.predictions(e["id"])
+                 for e in store.evaluations(run["id"], split="dev")}
+    vlm = load_vlm(demo_world.model_dir)
+    vlm.load_adapter(adapter["path"], "candidate")
+    data = DataSources.from_dir(demo_world.data_dir)
+    for b in ("gqa_ru", "mmbench_ru"):
+        by_id = {e["id"]: e for e in load_benchmark(b, data)}
+        base, cand = evals[("baseline", b)], evals[("candidate", b)]
+        examples = [by_id[p["sample_id"]] for p in cand]
+        vlm.set_adapter("candidate")
+        single = evaluate(vlm, examples, EvalConfig(), batch_size=8, progress=False)
+        assert [s["output"] for s in single.samples] == [p["output"] for p in cand]
+        vlm.set_adapter(None)
+        single = evaluate(vlm, examples, EvalConfig(), batch_size=8, progress=False)
+        assert [s["output"] for s in single.samples] == [p["output"] for p in base]
+        rank1 = shard(examples, 2)[1]  # rank 1 answered these with the candidate's adapter
+        assert any(base[i]["output"] != cand[i]["output"] for i in rank1)
