@@ -16,6 +16,7 @@ work does not hold a GPU kernel.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -125,8 +126,21 @@ def broadcast(obj=None):
     import torch.distributed as dist
 
     box = [obj]
-    dist.broadcast_object_list(box, src=0, group=_control)
+    with _peers():
+        dist.broadcast_object_list(box, src=0, group=_control)
     return box[0]
+
+
+@contextlib.contextmanager
+def _peers():
+    """A collective that fails because another process stopped: one line, not a traceback
+    (the launcher stops every process when one fails; the first error is the one to read)."""
+    try:
+        yield
+    except RuntimeError as exc:  # gloo and nccl report a lost peer as RuntimeError
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"process {world().rank} of {world().world_size} lost contact with the "
+                        f"others ({first}): another process stopped; its error is above") from None
 
 
 def shard(examples: list[dict], world_size: int) -> list[list[int]]:
@@ -194,7 +208,8 @@ def _gather(payload: dict) -> list[dict]:
     import torch.distributed as dist
 
     parts: list[dict | None] = [None] * world().world_size
-    dist.all_gather_object(parts, payload)
+    with _peers():
+        dist.all_gather_object(parts, payload)
     failed = [(r, p["error"]) for r, p in enumerate(parts) if not p["ok"]]
     if failed:
         raise RuntimeError("data-parallel evaluation failed on "

@@ -176,6 +176,17 @@ def test_loop_eval_under_torchrun_records_once_what_one_process_records(
             [s["output"] for s in one["samples"]]
 
 
+def test_an_error_on_rank_0_stops_every_process_with_one_line_each(demo_world, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = _torchrun(["-q", "eval", "--preset", "demo", "--benchmark", "gqa_ru", "--limit", "8",
+                      "--adapter", "7", "--db", "absent.db"], env, cwd=tmp_path)
+    assert done.returncode != 0
+    assert "error: no experiments database at absent.db" in done.stderr  # rank 0's own
+    assert "error: process 1 of 2 lost contact with the others" in done.stderr
+    assert "[rank1]: Traceback" not in done.stderr
+    assert not (tmp_path / "absent.db").exists()
+
+
 def test_other_commands_refuse_to_run_on_several_processes(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
