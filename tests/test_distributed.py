@@ -234,3 +234,11 @@ def test_loop_run_under_torchrun_serves_rank_0s_evaluations(demo_world, tmp_path
         assert [s["output"] for s in single.samples] == [p["output"] for p in base]
         rank1 = shard(examples, 2)[1]  # rank 1 answered these with the candidate's adapter
         assert any(base[i]["output"] != cand[i]["output"] for i in rank1)
+    # `loop eval --adapter ID` reads the adapter's folder from the database on rank 0 only
+    done = _torchrun(["-q", "eval", "--preset", "demo", "--benchmark", "gqa_ru", "--limit", "8",
+                      "--adapter", str(adapter["id"]), "--db", "e.db", "--json"], env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["model_info"]["adapter"] == adapter["path"]
+    with Store.open_existing(tmp_path / "e.db") as store:
+        (ev,) = store.evaluations(role="manual")
+        assert ev["adapter_id"] == adapter["id"]

@@ -91,7 +91,8 @@ def evaluate_model_from_args(args: argparse.Namespace):
                             "--data-dir at the full dataset.")
     if args.limit:
         examples = stratified_subset(examples, args.limit, seed=args.seed)
-    vlm = load_model_for(sources.model, args.gpu, adapter=_adapter_path(args))
+    args.adapter_path = _adapter_path(args)
+    vlm = load_model_for(sources.model, args.gpu, adapter=args.adapter_path)
     # Under torchrun / accelerate launch (after distributed.setup) each process answers a
     # shard and every process gets the gathered result; otherwise this is core.evaluate.
     result = distributed.evaluate(vlm, examples, EvalConfig(mode=args.mode),
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     w = distributed.world()
     if not w.is_main:  # under torchrun, rank 0 records and prints the gathered evaluation
         return 0
-    model = describe_model(vlm, _adapter_path(args))
+    model = describe_model(vlm, args.adapter_path)
     eval_id = record(args, result, model, processes=w.world_size)
     out = {"benchmark": args.benchmark, "split": args.split, "model": sources.model,
            "adapter": args.adapter, "model_info": model, "eval_id": eval_id, "db": args.db,
