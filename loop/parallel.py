@@ -13,6 +13,7 @@ be readable by every process (one box, or a shared filesystem).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -36,7 +37,8 @@ def run_parallel(args) -> int:
         return int(args.func(args) or 0)
     finally:
         if args.command == "run" and w.is_main:
-            distributed.broadcast(None)  # the serving processes stop
+            with contextlib.suppress(Exception):  # the serving processes stop, if still there
+                distributed.broadcast(None)
         distributed.teardown()
 
 
