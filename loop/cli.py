@@ -14,6 +14,9 @@ from loop.config_file import parse_args
 
 log = logging.getLogger(__name__)
 
+PARALLEL_COMMANDS = ("eval", "run")
+"""The commands that run on N processes under ``torchrun`` / ``accelerate launch``."""
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -55,8 +58,21 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(args.verbose, args.quiet)
+    from core.distributed import world
+
     try:
+        w = world()
+        # Only rank 0 speaks: the other processes log warnings and show no progress bars.
+        configure_logging(args.verbose and w.is_main, args.quiet or not w.is_main)
+        if w.parallel and args.command not in PARALLEL_COMMANDS:
+            raise UserError(f"`loop {args.command}` runs in one process, but it was started as "
+                            f"process {w.rank} of {w.world_size} (WORLD_SIZE={w.world_size}): "
+                            f"only {' and '.join(f'`loop {c}`' for c in PARALLEL_COMMANDS)} run "
+                            "on several processes; start it with plain `python -m loop`")
+        if w.parallel:
+            from loop.parallel import run_parallel
+
+            return run_parallel(args)
         return int(args.func(args) or 0)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

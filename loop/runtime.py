@@ -11,11 +11,15 @@ log = logging.getLogger(__name__)
 
 def load_options(gpu: str) -> LoadOptions:
     """LoadOptions for a ``--gpu`` profile (``core.device`` logs the reason for each choice)."""
+    from dataclasses import replace
+
     from core.device import resolve_profile
+    from core.distributed import device_for
 
     profile = resolve_profile(gpu)
     profile.log_reasons()
-    return profile.load_options()
+    options = profile.load_options()
+    return replace(options, device=device_for(options.device))
 
 
 def load_model_for(model: str, gpu: str = "auto", adapter: str | None = None) -> VLM:

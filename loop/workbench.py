@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from core.data import load_benchmark
+from core.distributed import evaluate
 from core.errors import BenchmarkOptimizer
-from core.evaluate import EvalConfig, evaluate, summarize
+from core.evaluate import EvalConfig, summarize
 from core.exceptions import UserError
 from core.splits import make_splits, stratified_subset
 from loop.budget import Budget, CostModel, dev_subset_size, final_subset_size
@@ -184,8 +185,15 @@ class Workbench:
 
     def run_eval(self, benchmark: str, config: EvalConfig, adapter_path: str | None,
                  examples: list[dict]):
-        """Evaluate without recording (strategies' searches); feeds the cost model."""
+        """Evaluate without recording (strategies' searches); feeds the cost model.
+
+        Under torchrun / accelerate launch the other processes answer shards of it
+        (``loop.parallel``, ``core.distributed``); the result is the same.
+        """
+        from loop.parallel import announce
+
         self.activate(adapter_path)
+        announce(self, benchmark, config, adapter_path, examples)
         result = evaluate(self.vlm, examples, config, batch_size=self.batch_size,
                           progress=self.progress, prefix_cache=self.prefix_cache)
         self.costs.observe_eval(benchmark, len(examples), result.seconds, config.mode)

@@ -75,8 +75,9 @@ def evaluate_from_args(args: argparse.Namespace):
 
 def evaluate_model_from_args(args: argparse.Namespace):
     """:func:`evaluate_from_args`, and the loaded VLM too."""
+    from core import distributed
     from core.data import load_benchmark
-    from core.evaluate import EvalConfig, evaluate
+    from core.evaluate import EvalConfig
     from core.splits import make_splits, stratified_subset
     from loop.runtime import load_model_for
     from loop.sources import sources_from_args
@@ -95,24 +96,32 @@ def evaluate_model_from_args(args: argparse.Namespace):
     args.split_size = len(examples)
     if args.limit:
         examples = stratified_subset(examples, args.limit, seed=args.seed)
-    vlm = load_model_for(sources.model, args.gpu, adapter=_adapter_path(args))
-    result = evaluate(vlm, examples, EvalConfig(mode=args.mode), batch_size=args.batch_size,
-                      progress=not args.quiet and not args.json, prefix_cache=args.prefix_cache)
+    args.adapter_path = _adapter_path(args)
+    vlm = load_model_for(sources.model, args.gpu, adapter=args.adapter_path)
+    # Under torchrun / accelerate launch (after distributed.setup) each process answers a
+    # shard and every process gets the gathered result; otherwise this is core.evaluate.
+    result = distributed.evaluate(vlm, examples, EvalConfig(mode=args.mode),
+                                  batch_size=args.batch_size, prefix_cache=args.prefix_cache,
+                                  progress=not args.quiet and not args.json)
     return examples, result, sources, vlm
 
 
 def run(args: argparse.Namespace) -> int:
+    from core import distributed
     from core.exceptions import UserError
 
     check_eval_args(args)
     if args.samples and not args.json:
         raise UserError("`--samples` adds every per-sample output to the JSON: add `--json`")
     examples, result, sources, vlm = evaluate_model_from_args(args)
-    model = describe_model(vlm, _adapter_path(args))
-    eval_id = record(args, result, model)
+    w = distributed.world()
+    if not w.is_main:  # under torchrun, rank 0 records and prints the gathered evaluation
+        return 0
+    model = describe_model(vlm, args.adapter_path)
+    eval_id = record(args, result, model, processes=w.world_size)
     out = {"benchmark": args.benchmark, "split": args.split, "model": sources.model,
            "adapter": args.adapter, "model_info": model, "eval_id": eval_id, "db": args.db,
-           **result.to_dict(with_samples=args.samples)}
+           "processes": w.world_size, **result.to_dict(with_samples=args.samples)}
     if args.output_path:
         from loop.outputs import write_eval
 
@@ -138,7 +147,7 @@ def describe_model(vlm, adapter_path: str | None) -> dict:
             "adapter": adapter_path}
 
 
-def record(args: argparse.Namespace, result, model: dict) -> int:
+def record(args: argparse.Namespace, result, model: dict, processes: int = 1) -> int:
     """Store the evaluation and every per-sample output in ``--db`` (role "manual")."""
     from loop.config_file import resolved_options
     from loop.store import Store
@@ -151,7 +160,8 @@ def record(args: argparse.Namespace, result, model: dict) -> int:
             seconds=result.seconds, adapter_id=adapter_id,
             candidate={"strategy": "manual", "model": model, "limit": args.limit,
                        "seed": args.seed, "eval_configs": {args.benchmark: result.config},
-                       "adapter_path": model["adapter"], "options": resolved_options(args)})
+                       "adapter_path": model["adapter"], "options": resolved_options(args),
+                       "processes": processes})
         store.add_predictions(eval_id, result.samples)
     log.info("evaluation %d and its %d predictions recorded in %s", eval_id, result.n, args.db)
     return eval_id
@@ -160,8 +170,15 @@ def record(args: argparse.Namespace, result, model: dict) -> int:
 def _adapter_path(args) -> str | None:
     if args.adapter is None or not args.adapter.isdigit():
         return args.adapter
+    from core import distributed
     from loop.store import Store
 
+    if distributed.active():  # only rank 0 opens the database; the others are told the path
+        path = None
+        if distributed.world().is_main:
+            with Store.open_existing(args.db) as store:
+                path = store.adapter(int(args.adapter))["path"]
+        return distributed.broadcast(path)
     with Store.open_existing(args.db) as store:
         return store.adapter(int(args.adapter))["path"]
 
