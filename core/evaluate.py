@@ -294,7 +294,9 @@ def summarize(benchmark: str, samples: list[dict]) -> dict:
     circ = circular_accuracy(samples)
     k = round(circ["circular"] * circ["n_groups"])
     low, high = wilson_interval(k, circ["n_groups"])
-    row = accuracy([s["correct"] for s in samples])
+    # rotations of one question are not independent: the per-row interval resamples groups
+    row = accuracy([s["correct"] for s in samples],
+                   [int(s["index"]) % ROTATION_BASE for s in samples])
     groups: dict[str, list[dict]] = defaultdict(list)
     for s in samples:
         groups[s["category"]].append(s)

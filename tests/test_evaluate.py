@@ -195,3 +195,19 @@ def test_saiga_preset_offline_fails_with_one_clear_message(capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
     assert "deepvk/" in err and ("--model" in err or "--data-dir" in err)
+
+
+def test_mmbench_per_row_interval_counts_question_groups_not_rows():
+    # 20 questions, 4 rotations each, rotations succeed or fail together: the per-row accuracy
+    # rests on 20 independent outcomes, not 80, and its interval must say so.
+    from core.evaluate import summarize
+    from core.metrics import wilson_interval
+
+    samples = [{"correct": g < 10, "parsed": "A", "image_ok": True, "category": "c",
+                "index": g + r * 1_000_000, "cluster": g, "sample_id": str(g + r * 1_000_000)}
+               for g in range(20) for r in range(4)]
+    m = summarize("mmbench_ru", samples)
+    assert m["per_row"] == 0.5 and m["n_rows"] == 80
+    low, high = m["ci_per_row"]
+    w_low, w_high = wilson_interval(40, 80)
+    assert high - low > 1.5 * (w_high - w_low)
