@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 
 from core.metrics import paired_test
 from loop.cli import main
+from loop.commands.log import format_p
 from loop.store import Store
 
 GQA = "gqa-ru exact match (lmms-eval prompt and decoding)"
@@ -213,3 +215,66 @@ def test_errors_are_clear(db, tmp_path, capsys, argv, message):
 def test_missing_first_database(tmp_path, capsys):
     assert main(["compare", "1", "2", "--db", str(tmp_path / "none.db")]) != 0
     assert "no experiments database at" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="session")
+def demo_runs(tmp_path_factory):
+    """Two short demo runs on the same final questions: run 1 stops after the baseline, run 2
+    tries one trained remedy."""
+    from core.demo.world import ensure_demo_world
+
+    ensure_demo_world()
+    path = tmp_path_factory.mktemp("compare-demo") / "e.db"
+    small = ["--preset", "demo", "--gpu", "cpu", "--dev-size", "60", "--final-size", "40",
+             "--batch-size", "32", "--db", str(path)]
+    assert main(["-q", "run", "--budget", "60s", "--max-cycles", "0", *small]) == 0
+    assert main(["-q", "run", "--budget", "150s", "--max-cycles", "1",
+                 "--strategies", "answer_format_sft", *small]) == 0
+    return path
+
+
+def _stored(db: Path, run_id: int, role: str, bench: str) -> dict[str, tuple[bool, str]]:
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    rows = con.execute(
+        "select p.sample_id, p.correct, p.cluster from loop_predictions p join loop_evaluations e "
+        "on p.eval_id = e.id where e.run_id = ? and e.role = ? and e.benchmark = ? "
+        "and e.split = 'final' order by p.id", [run_id, role, bench]).fetchall()
+    con.close()
+    return {s: (bool(c), k) for s, c, k in rows}
+
+
+@pytest.mark.slow
+def test_compare_two_demo_runs(demo_runs, capsys, tmp_path):
+    db = demo_runs
+    data = compare_json(capsys, "1", "2", "--db", str(db))
+    capsys.readouterr()
+    assert main(["log", "--json", "--db", str(db)]) == 0
+    runs = json.loads(capsys.readouterr().out)["runs"]
+    for side, run in zip("AB", runs, strict=True):
+        for bench in ("gqa_ru", "mmbench_ru"):
+            assert data["scores"][bench][side]["champion"]["accuracy"] == run["final"][bench]
+            assert data["scores"][bench][side]["final_p"] == run["final_p"][bench]
+    # GQA-ru from the stored predictions: the same questions, the same test, the same fixes
+    a_base, a_champ, b_base, b_champ = (_stored(db, r, role, "gqa_ru") for r, role in (
+        (1, "final_baseline"), (1, "final_champion"), (2, "final_baseline"), (2, "final_champion")))
+    ids = list(a_champ)
+    assert set(ids) == set(b_champ) and data["shared"]["gqa_ru"]["n_shared"] == len(ids) > 30
+    expected = paired_test([a_champ[s][0] for s in ids], [b_champ[s][0] for s in ids],
+                           clusters=[a_champ[s][1] for s in ids])
+    t = data["paired"]["gqa_ru"]
+    assert (t["p_value"], t["b_only"], t["c_only"], t["n_clusters"]) == (
+        expected.p_value, expected.b_only, expected.c_only, expected.n_clusters)
+    fixed_a = {s for s in ids if a_champ[s][0] and not a_base[s][0]}
+    fixed_b = {s for s in ids if b_champ[s][0] and not b_base[s][0]}
+    f = data["fixed"]["gqa_ru"]
+    assert (f["both"], f["only_a"], f["only_b"]) == (
+        len(fixed_a & fixed_b), len(fixed_a - fixed_b), len(fixed_b - fixed_a))
+    assert not fixed_a  # run 1's champion is its base model
+    assert data["decisions"][0]["A"] is None and data["decisions"][0]["B"]["strategy"] == \
+        "answer_format_sft"
+    out = tmp_path / "cmp.html"
+    assert main(["compare", "1", "2", "--db", str(db), "--out", str(out)]) == 0
+    page = out.read_text(encoding="utf-8")
+    assert html.escape(f"p = {format_p(t['p_value'])} (cluster sign-flip") in page
