@@ -171,7 +171,8 @@ def _why(bench: str, runs: dict, champ: dict, n_common: int, n_same: int) -> str
                       ("seed", "seeds (the splits and final subsets are drawn from the seed)"),
                       ("final_size", "final subset sizes")):
         if a.get(key) != b.get(key):
-            reasons.append(f"different {what}: run A {a.get(key)}, run B {b.get(key)}")
+            va, vb = (_setting(key, r.get(key)) for r in (a, b))
+            reasons.append(f"different {what}: run A {va}, run B {vb}")
     if not reasons:
         reasons.append("the runs drew different final subsets")
     head = (f"the two runs share no final {bench} {UNITS.get(bench, 'question')}s" if n_same == 0
@@ -179,6 +180,13 @@ def _why(bench: str, runs: dict, champ: dict, n_common: int, n_same: int) -> str
                  f"{UNITS.get(bench, 'question')}s ({len(champ['A'])} in A, "
                  f"{len(champ['B'])} in B)")
     return f"{head}: {'; '.join(reasons)}"
+
+
+def _setting(key: str, value: Any) -> Any:
+    if value is None:
+        return {"final_size": "sized from its budget", "model": "the preset's",
+                "data_dir": "the preset's"}.get(key, value)
+    return value
 
 
 def _fixed(bench: str, finals: dict, keys: list[str], limit: int) -> dict[str, Any]:

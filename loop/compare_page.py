@@ -54,9 +54,15 @@ def paired_line(bench: str, c: Comparison) -> str:
         units += f" on {t['n_clusters']} {t['clustered_by']}s"
     return (f"{bench}: {units}; champion A {100 * t['baseline_acc']:.1f}%, champion B "
             f"{100 * t['candidate_acc']:.1f}%, B − A {100 * t['diff']:+.1f} pts "
-            f"[{100 * t['diff_low']:+.1f}, {100 * t['diff_high']:+.1f}], p = {format_p(t['p_value'])}"
+            f"[{100 * t['diff_low']:+.1f}, {100 * t['diff_high']:+.1f}], p {_p(t['p_value'])}"
             f" (cluster sign-flip, {t['method']}); right only under B: {t['c_only']}, right only "
             f"under A: {t['b_only']}." + (f" Note: {shared['why']}." if shared["why"] else ""))
+
+
+def _p(p: float) -> str:
+    """``= 0.12`` or ``< 0.001``."""
+    text = format_p(p)
+    return f"< {text[1:]}" if text.startswith("<") else f"= {text}"
 
 
 def fixed_line(bench: str, c: Comparison) -> str:

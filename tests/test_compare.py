@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import json
 import re
 from pathlib import Path
@@ -52,9 +51,10 @@ def _eval(store: Store, run_id: int, role: str, bench: str, rows: list[dict]) ->
 
 def fill(store: Store, *, seed: int, gqa: tuple[set, set], mmb: tuple[set, set],
          partly: set[int] = frozenset(), cycles: list[tuple] = (), gqa_ids=GQA_IDS,
-         tag: str = "", finished: bool = True) -> int:
+         tag: str = "", finished: bool = True, final_size: int | None = None) -> int:
     """A run with final evaluations: ``gqa``/``mmb`` = (base right, champion right)."""
-    run_id = store.create_run(config={"seed": seed, "objective": "benchmark"},
+    run_id = store.create_run(config={"seed": seed, "objective": "benchmark",
+                                      "final_size": final_size},
                               environment={"model": "demo"}, budget_s=300, preset="demo",
                               gpu="cpu")
     for index, (strategy, status, p, decision, error) in enumerate(cycles, start=1):
@@ -179,6 +179,18 @@ def test_runs_without_shared_questions_say_why_and_still_compare(db, tmp_path, c
     assert "| 1 | answer_format_sft | accepted |" in page  # the decision path is still there
 
 
+def test_a_smaller_final_subset_is_paired_on_what_it_shares(db, tmp_path, capsys):
+    other = tmp_path / "small.db"
+    with Store(other) as store:
+        fill(store, seed=0, gqa=(BASE, B_GQA), mmb=({0}, {0, 2, 3}), gqa_ids=GQA_IDS[:6],
+             final_size=6)
+    data = compare_json(capsys, "1", "1", "--db", str(db), "--db-b", str(other))
+    assert data["paired"]["gqa_ru"]["n"] == 6 and data["fixed"]["gqa_ru"]["n"] == 6
+    assert data["shared"]["gqa_ru"]["why"] == (
+        "the two runs share 6 of their final gqa_ru questions (12 in A, 6 in B): different "
+        "final subset sizes: run A sized from its budget, run B 6")
+
+
 def test_same_ids_with_other_questions_are_not_paired(db, tmp_path, capsys):
     other = tmp_path / "other-data.db"
     with Store(other) as store:
@@ -277,4 +289,6 @@ def test_compare_two_demo_runs(demo_runs, capsys, tmp_path):
     out = tmp_path / "cmp.html"
     assert main(["compare", "1", "2", "--db", str(db), "--out", str(out)]) == 0
     page = out.read_text(encoding="utf-8")
-    assert html.escape(f"p = {format_p(t['p_value'])} (cluster sign-flip") in page
+    p_text = format_p(t["p_value"])
+    p_text = f"&lt; {p_text[1:]}" if p_text.startswith("<") else f"= {p_text}"
+    assert f"p {p_text} (cluster sign-flip" in page
