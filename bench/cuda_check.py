@@ -10,12 +10,18 @@ Checks, each printed PASS or FAIL with its figures:
    trainer halve the micro-batch and finish with the same effective batch.
 4. Adapter round trip on CUDA: reload the 4-bit base with the adapter, same logits.
 5. bf16 profile (a100/h100) when the GPU has bf16.
+6. Batch invariance: the demo model in fp16 answers the same GQA-ru and MMBench-ru dev
+   questions at batch 1 and at batch 16; the agreement rate of the raw outputs, which ones
+   differ, and both accuracies (lmms-eval #236 saw a llava score fall from 69.6 to 58.7 going
+   from batch 1 to 2).
 
-    .venv/bin/python bench/cuda_check.py
+    .venv/bin/python bench/cuda_check.py [--n 64]
+    .venv/bin/python bench/cuda_check.py --cpu --n 16   # check 6 only, fp32 on the CPU
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import tempfile
@@ -56,11 +62,79 @@ def logits(vlm, recs):
         return vlm.model(**{k: v.to(vlm.device) for k, v in batch.items()}).logits.float()
 
 
-def main() -> int:
+def batch_invariance(device: str, dtype: str, *, n: int = 64, batch_size: int = 16,
+                     benchmarks: tuple[str, ...] = ("gqa_ru", "mmbench_ru"),
+                     show: int = 10) -> dict:
+    """Answer the same demo dev questions at batch 1 and at ``batch_size``; compare outputs.
+
+    Returns:
+        Per benchmark: ``n``, ``identical`` (raw outputs equal), ``agreement`` (their share),
+        ``accuracy_batch_1`` and ``accuracy_batch_<batch_size>`` (lmms-eval protocol), and
+        ``differ`` (up to ``show`` sample ids with both outputs).
+    """
+    from core.data import load_benchmark
+    from core.evaluate import evaluate
+    from core.model import LoadOptions, load_vlm
+    from core.splits import make_splits, stratified_subset
+    from loop.sources import resolve_sources
+
+    sources = resolve_sources("demo")
+    vlm = load_vlm(sources.model, options=LoadOptions(device=device, dtype=dtype))
+    out = {}
+    for bench in benchmarks:
+        examples = stratified_subset(make_splits(load_benchmark(bench, sources.data))["dev"], n)
+        one = evaluate(vlm, examples, batch_size=1, progress=False)
+        many = evaluate(vlm, examples, batch_size=batch_size, progress=False)
+        batched = {s["sample_id"]: s["output"] for s in many.samples}
+        differ = [{"sample_id": s["sample_id"], "batch_1": s["output"],
+                   f"batch_{batch_size}": batched[s["sample_id"]]}
+                  for s in one.samples if s["output"] != batched[s["sample_id"]]]
+        out[bench] = {"n": len(examples), "identical": len(examples) - len(differ),
+                      "agreement": 1 - len(differ) / len(examples),
+                      "accuracy_batch_1": one.metrics["accuracy"],
+                      f"accuracy_batch_{batch_size}": many.metrics["accuracy"],
+                      "differ": differ[:show]}
+    return out
+
+
+def check_batch_invariance(check, device: str, dtype: str, n: int, min_agreement: float) -> None:
+    """Check 6: batch 1 against batch 16, PASS when at least ``min_agreement`` of the outputs
+    are identical on every benchmark."""
+    t0 = time.time()
+    result = batch_invariance(device, dtype, n=n)
+    for bench, r in result.items():
+        differ = "; ".join(f"{d['sample_id']}: {d['batch_1']!r} vs {d['batch_16']!r}"
+                           for d in r["differ"])
+        check(f"batch invariance {bench} ({device}, {dtype}, batch 1 vs 16)",
+              r["agreement"] >= min_agreement,
+              f"agreement {r['identical']}/{r['n']} ({100 * r['agreement']:.1f}%), accuracy "
+              f"{100 * r['accuracy_batch_1']:.1f}% at batch 1 vs "
+              f"{100 * r['accuracy_batch_16']:.1f}% at batch 16"
+              + (f"; differ: {differ}" if differ else "") + f" ({time.time() - t0:.1f} s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu", action="store_true",
+                        help="run only the batch-invariance check, in fp32 on the CPU")
+    parser.add_argument("--n", type=int, default=64,
+                        help="dev questions per benchmark in the batch-invariance check")
+    args = parser.parse_args(argv)
     import torch
 
+    results: list[tuple[str, bool, str]] = []
+
+    def check(name: str, ok: bool, detail: str) -> None:
+        results.append((name, bool(ok), detail))
+        print(f"[{'PASS' if ok else 'FAIL'}] {name}: {detail}", flush=True)
+
+    if args.cpu:
+        # fp32 on the CPU: the same kernels at every batch size, so every output must agree
+        check_batch_invariance(check, "cpu", "float32", args.n, min_agreement=1.0)
+        return _summary(results)
     if not torch.cuda.is_available():
-        print("cuda_check: no CUDA GPU visible to torch; skipped (nothing to check on CPU).")
+        print("cuda_check: no CUDA GPU visible to torch; skipped (nothing to check on CPU; "
+              "--cpu runs the batch-invariance check in fp32).")
         return 0
     logging.basicConfig(level=logging.WARNING)
     import bitsandbytes as bnb
@@ -74,12 +148,6 @@ def main() -> int:
     print(f"cuda_check on {gpu.name} (compute capability {gpu.capability[0]}."
           f"{gpu.capability[1]}, {gpu.memory_gb} GB), torch {torch.__version__}, "
           f"bitsandbytes {bnb.__version__}")
-    results: list[tuple[str, bool, str]] = []
-
-    def check(name: str, ok: bool, detail: str) -> None:
-        results.append((name, bool(ok), detail))
-        print(f"[{'PASS' if ok else 'FAIL'}] {name}: {detail}", flush=True)
-
     tmp = Path(tempfile.mkdtemp(prefix="cuda_check-"))
     model, processor = build_tiny_llava(train_tokenizer(CORPUS * 8), seed=0)
     model.save_pretrained(tmp / "base")
@@ -146,6 +214,13 @@ def main() -> int:
     else:
         print("[SKIP] bf16 profile: this GPU has no bf16")
 
+    # 6. batch invariance in fp16: kernels may differ with the batch shape, so a few
+    # near-tie answers may flip; a padding or masking bug would flip many
+    check_batch_invariance(check, "cuda", "float16", args.n, min_agreement=0.95)
+    return _summary(results)
+
+
+def _summary(results: list[tuple[str, bool, str]]) -> int:
     failed = [name for name, ok, _ in results if not ok]
     print(f"cuda_check: {len(results) - len(failed)}/{len(results)} passed"
           + (f"; FAILED: {', '.join(failed)}" if failed else ""))

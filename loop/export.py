@@ -144,11 +144,14 @@ def error_analysis(report: Report) -> dict[str, Any]:
 def model_card(report: Report, adapter: dict[str, Any], results: dict[str, Any],
                metadata: dict[str, Any], champion_candidates: dict[str, dict]) -> str:
     """A Hugging Face style model card (README.md) for the exported adapter."""
+    from loop.card_metadata import base_license, card_data
+
     run, demo = report.run, report.run["preset"] in ("demo", "saiga-tiny")
-    base = (metadata.get("base_model") or {}).get("id") or BASE_MODEL
-    header = ["---"] + ([] if demo else [f"base_model: {BASE_MODEL}"])
-    header += ["library_name: peft", "language:", "- ru", "pipeline_tag: image-text-to-text",
-               "tags:", "- lora", "- llava", "- gqa-ru", "- mmbench-ru", "---", ""]
+    base = ((metadata.get("base_model") or {}).get("id") or (run.get("config") or {}).get("model")
+            or BASE_MODEL)
+    license = metadata.get("license") or base_license(base)
+    data, left_out = card_data(report, adapter, results, base, license)
+    header = ["---", data.to_yaml(), "---", ""]
     lines = header + [
         f"# LoRA adapter {adapter['id']} for {'the demo tiny LLaVA' if demo else 'LLaVA-Saiga-8B'}",
         "", f"Trained by the self-improvement loop (run {run['id']}, strategy "
@@ -195,7 +198,13 @@ def model_card(report: Report, adapter: dict[str, Any], results: dict[str, Any],
               "matches the lmms-eval tasks behind the published scores; any other protocol is "
               "its own measurement and is not comparable with them.",
               "- MMBench-ru: lmms-eval replaces an unparseable letter by a random one; here it "
-              "counts as wrong."]
+              "counts as wrong.",
+              "- The card's metadata (YAML header) names the base model, the library (peft) and, "
+              "in `model-index`, the champion's final numbers under the exact lmms-eval protocol "
+              "with n, the 95% interval and p against the base model."
+              + (f" License: {md_cell(license)}." if license else " License: that of the base "
+                 "model (see its card).")]
+    lines += [f"- Not in the metadata: {md_cell(text, 1000)}" for text in left_out]
     for bench, cand in champion_candidates.items():
         config = (cand.get("eval_configs") or {}).get(bench)
         if config:

@@ -151,6 +151,13 @@ def test_demo_card_names_no_hub_base_model(tmp_path, monkeypatch):
     card = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
     assert "base_model:" not in card.split("---")[1]
     assert "synthetic world" in card and "not comparable: synthetic demo world" in card
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(tmp_path / "out" / "README.md").data
+    assert data.base_model is None and "synthetic-demo" in data.tags
+    (result,) = data.eval_results  # MMBench-ru's champion used the likelihood protocol here
+    assert result.dataset_type == "synthetic-demo/GQA-ru" and result.dataset_split is None
+    assert "Not in the metadata: base_model: the run used the demo preset's tiny local model" in card
 
 
 @pytest.mark.slow
@@ -204,3 +211,45 @@ def test_card_and_results_show_final_p_the_objective_and_deployed_numbers_apart(
     assert results["objective"] == "benchmark" and gqa["final_p"] == 0.0004
     assert gqa["deployed"]["accuracy"] == 0.9 and gqa["difference"] == 0.6  # never 0.9 - 0.2
     assert results["benchmarks"]["mmbench_ru"]["deployed"] is None
+
+
+def test_card_metadata_reads_back_with_huggingface_hub(db, tmp_path):
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard import metadata_load
+
+    with Store(db) as store:
+        store.update_run(store.latest_run()["id"], final_p={"gqa_ru": 0.0004, "mmbench_ru": 0.2})
+        store.pin(1)
+    out = tmp_path / "export"
+    assert cli("--db", str(db), "--out", str(out)) == 0
+    card = ModelCard.load(out / "README.md")
+    data = card.data
+    assert data.base_model == "deepvk/llava-saiga-8b" and data.library_name == "peft"
+    assert data.pipeline_tag == "image-text-to-text" and data.language == ["ru"]
+    assert {"lora", "llava", "gqa-ru", "mmbench-ru"} <= set(data.tags)
+    assert data.to_dict()["base_model_relation"] == "adapter"
+    # GQA-ru under the exact lmms-eval protocol; MMBench-ru's champion number is a likelihood
+    # score (its own protocol), so it stays out of the metadata and the card says why
+    (result,) = data.eval_results
+    assert (result.dataset_type, result.dataset_name, result.dataset_split) == (
+        "deepvk/GQA-ru", "GQA-ru", "testdev")
+    assert result.task_type == "visual-question-answering" and result.metric_type == "accuracy"
+    assert result.metric_value == 80.0 and "n=10 questions" in result.metric_name
+    assert result.metric_args == {
+        "n": 10, "n_unit": "questions", "ci_95": [60.0, 100.0], "protocol": GQA_LMMS,
+        "subset": "final (held out, fed no decision)", "run": 1, "base_model_accuracy": 20.0,
+        "p_vs_base_model": 0.0004}
+    assert "not in the card metadata" in card.text and "MMBench-ru" in card.text
+    assert "More information needed" not in card.content
+    raw = metadata_load(out / "README.md")
+    assert raw["model-index"][0]["results"][0]["metrics"][0]["value"] == 80.0
+
+
+def test_card_metadata_of_a_non_champion_has_no_results(db, tmp_path):
+    from huggingface_hub import ModelCard
+
+    fake_adapter(db.parent / "adapters" / "a3", seed=1)
+    assert cli("--db", str(db), "--adapter", "2", "--out", str(tmp_path / "x")) == 0
+    card = ModelCard.load(tmp_path / "x" / "README.md")
+    assert card.data.eval_results is None and card.data.library_name == "peft"
+    assert "belong to the run's champion, not to this adapter" in card.text

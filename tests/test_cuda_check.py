@@ -1,0 +1,63 @@
+"""bench/cuda_check.py: a clean skip without CUDA, and its batch-invariance check on the CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("cuda_check", ROOT / "bench" / "cuda_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_without_cuda_it_skips_and_exits_0(bench, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main([]) == 0
+    out = capsys.readouterr().out
+    assert "no CUDA GPU" in out and "skipped" in out and "[PASS]" not in out
+
+
+def test_batch_invariance_on_cpu_fp32(bench, capsys):
+    from core.demo.world import ensure_demo_world
+
+    ensure_demo_world()
+    result = bench.batch_invariance("cpu", "float32", n=12, batch_size=16)
+    for bench_name in ("gqa_ru", "mmbench_ru"):
+        r = result[bench_name]
+        assert r["n"] >= 12 and r["identical"] == r["n"] and r["agreement"] == 1.0
+        assert r["differ"] == [] and r["accuracy_batch_1"] == r["accuracy_batch_16"]
+    assert bench.main(["--cpu", "--n", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "[PASS] batch invariance gqa_ru (cpu, float32, batch 1 vs 16): agreement" in out
+    assert "cuda_check: 2/2 passed" in out
+
+
+def test_batch_invariance_reports_the_outputs_that_differ(bench, capsys, monkeypatch):
+    import core.evaluate
+
+    real = core.evaluate.evaluate
+
+    def padded_wrong(vlm, examples, *args, batch_size=16, **kwargs):
+        result = real(vlm, examples, *args, batch_size=batch_size, **kwargs)
+        if batch_size > 1:  # a batching bug: the first answer of every batched run changes
+            result.samples[0]["output"] += " сломано"
+        return result
+
+    monkeypatch.setattr(core.evaluate, "evaluate", padded_wrong)
+    assert bench.main(["--cpu", "--n", "4"]) == 1
+    out = capsys.readouterr().out
+    found = re.search(r"\[FAIL\] batch invariance gqa_ru \(cpu, float32, batch 1 vs 16\): "
+                      r"agreement (\d+)/(\d+)", out)
+    assert found and int(found[1]) == int(found[2]) - 1  # exactly the one changed answer
+    assert "сломано" in out and "FAILED: batch invariance gqa_ru" in out
