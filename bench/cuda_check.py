@@ -14,9 +14,11 @@ Checks, each printed PASS or FAIL with its figures:
    questions at batch 1 and at batch 16; the agreement rate of the raw outputs, which ones
    differ, and both accuracies (lmms-eval #236 saw a llava score fall from 69.6 to 58.7 going
    from batch 1 to 2).
+7. Prefix cache: the same questions at batch 16 with each image's prompt prefix computed once
+   (the default) against every prompt computed whole (``--no-prefix-cache``); the agreement.
 
     .venv/bin/python bench/cuda_check.py [--n 64]
-    .venv/bin/python bench/cuda_check.py --cpu --n 16   # check 6 only, fp32 on the CPU
+    .venv/bin/python bench/cuda_check.py --cpu --n 16   # checks 6 and 7 only, fp32 on the CPU
 """
 
 from __future__ import annotations
@@ -85,7 +87,9 @@ def batch_invariance(device: str, dtype: str, *, n: int = 64, batch_size: int = 
         examples = stratified_subset(make_splits(load_benchmark(bench, sources.data))["dev"], n)
         one = evaluate(vlm, examples, batch_size=1, progress=False)
         many = evaluate(vlm, examples, batch_size=batch_size, progress=False)
+        whole = evaluate(vlm, examples, batch_size=batch_size, progress=False, prefix_cache=False)
         batched = {s["sample_id"]: s["output"] for s in many.samples}
+        no_cache = [s for s in whole.samples if s["output"] != batched[s["sample_id"]]]
         differ = [{"sample_id": s["sample_id"], "batch_1": s["output"],
                    f"batch_{batch_size}": batched[s["sample_id"]]}
                   for s in one.samples if s["output"] != batched[s["sample_id"]]]
@@ -93,7 +97,12 @@ def batch_invariance(device: str, dtype: str, *, n: int = 64, batch_size: int = 
                       "agreement": 1 - len(differ) / len(examples),
                       "accuracy_batch_1": one.metrics["accuracy"],
                       f"accuracy_batch_{batch_size}": many.metrics["accuracy"],
-                      "differ": differ[:show]}
+                      "differ": differ[:show],
+                      "prefix_cache_identical": len(examples) - len(no_cache),
+                      "prefix_cache_agreement": 1 - len(no_cache) / len(examples),
+                      "prefix_cache_differ": [
+                          {"sample_id": s["sample_id"], "cached": batched[s["sample_id"]],
+                           "whole_prompt": s["output"]} for s in no_cache[:show]]}
     return out
 
 
@@ -111,12 +120,19 @@ def check_batch_invariance(check, device: str, dtype: str, n: int, min_agreement
               f"{100 * r['accuracy_batch_1']:.1f}% at batch 1 vs "
               f"{100 * r['accuracy_batch_16']:.1f}% at batch 16"
               + (f"; differ: {differ}" if differ else "") + f" ({time.time() - t0:.1f} s)")
+        differ = "; ".join(f"{d['sample_id']}: {d['cached']!r} vs {d['whole_prompt']!r}"
+                           for d in r["prefix_cache_differ"])
+        check(f"prefix cache {bench} ({device}, {dtype}, with vs without)",
+              r["prefix_cache_agreement"] >= min_agreement,
+              f"agreement {r['prefix_cache_identical']}/{r['n']} "
+              f"({100 * r['prefix_cache_agreement']:.1f}%)" + (f"; differ: {differ}" if differ else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true",
-                        help="run only the batch-invariance check, in fp32 on the CPU")
+                        help="run only the batch-invariance and prefix-cache checks, in fp32 on "
+                        "the CPU")
     parser.add_argument("--n", type=int, default=64,
                         help="dev questions per benchmark in the batch-invariance check")
     args = parser.parse_args(argv)
@@ -214,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("[SKIP] bf16 profile: this GPU has no bf16")
 
-    # 6. batch invariance in fp16: kernels may differ with the batch shape, so a few
+    # 6. and 7. batch invariance and the prefix cache in fp16: kernels may differ with the batch shape, so a few
     # near-tie answers may flip; a padding or masking bug would flip many
     check_batch_invariance(check, "cuda", "float16", args.n, min_agreement=0.95)
     return _summary(results)

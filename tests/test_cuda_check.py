@@ -37,10 +37,30 @@ def test_batch_invariance_on_cpu_fp32(bench, capsys):
         r = result[bench_name]
         assert r["n"] >= 12 and r["identical"] == r["n"] and r["agreement"] == 1.0
         assert r["differ"] == [] and r["accuracy_batch_1"] == r["accuracy_batch_16"]
+        assert r["prefix_cache_agreement"] == 1.0 and r["prefix_cache_differ"] == []
     assert bench.main(["--cpu", "--n", "12"]) == 0
     out = capsys.readouterr().out
     assert "[PASS] batch invariance gqa_ru (cpu, float32, batch 1 vs 16): agreement" in out
-    assert "cuda_check: 2/2 passed" in out
+    assert "[PASS] prefix cache mmbench_ru (cpu, float32, with vs without): agreement" in out
+    assert "cuda_check: 4/4 passed" in out
+
+
+def test_prefix_cache_check_reports_a_broken_cache(bench, capsys, monkeypatch):
+    import core.evaluate
+
+    real = core.evaluate.evaluate
+
+    def broken_cache(vlm, examples, *args, prefix_cache=True, **kwargs):
+        result = real(vlm, examples, *args, prefix_cache=prefix_cache, **kwargs)
+        if prefix_cache and len(examples) > 1 and kwargs.get("batch_size", 16) > 1:
+            result.samples[-1]["output"] += " сломано"
+        return result
+
+    monkeypatch.setattr(core.evaluate, "evaluate", broken_cache)
+    assert bench.main(["--cpu", "--n", "4"]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"\[FAIL\] prefix cache gqa_ru \(cpu, float32, with vs without\): "
+                     r"agreement (\d+)/(\d+) .*сломано", out)
 
 
 def test_batch_invariance_reports_the_outputs_that_differ(bench, capsys, monkeypatch):
