@@ -18,6 +18,7 @@ from pathlib import Path
 import strategies
 from core.evaluate import EvalConfig
 from core.exceptions import UserError
+from loop import hpo_share
 from loop.budget import Budget, CostModel, fmt_s, priors
 from loop.decision import OBJECTIVES, comparisons_made, judge, paired_scores
 from loop.policy import Choice, choose
@@ -71,6 +72,14 @@ class RunConfig:
     beside the database, <db stem>.runs/run-<id>/."""
     strategies: list[str] = field(default_factory=lambda: strategies.names())
     progress: bool = True
+    storage: str | None = None
+    """Optuna storage shared with ``loop worker`` processes, its password masked (the URL
+    itself is given to ``Loop``); None: the study lives in experiments.db."""
+    study: str | None = None
+    """The HPO study's name in that storage; None: loop-hpo-run<id>."""
+    heartbeat_s: int = 20
+    """Seconds between the heartbeats of a trial in a shared storage; a trial whose process
+    is silent for three of them is failed and queued again."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -86,6 +95,8 @@ class RunConfig:
         unknown = [s for s in self.strategies if s not in strategies.REGISTRY]
         if unknown:
             problems.append(f"unknown strategies {unknown}; valid: {strategies.names()}")
+        if self.heartbeat_s < 1:
+            problems.append(f"heartbeat_s must be at least 1, got {self.heartbeat_s}")
         if problems:
             raise UserError("invalid run configuration: " + "; ".join(problems))
 
@@ -97,8 +108,10 @@ TRAIN_LR = {"saiga": 2e-4, "demo": 2e-3, "saiga-tiny": 1e-3}
 class Loop:
     """One run of the loop. ``Loop(config, store).run()`` returns the run id."""
 
-    def __init__(self, config: RunConfig, store, *, resume: bool = False, echo=None):
+    def __init__(self, config: RunConfig, store, *, resume: bool = False, echo=None,
+                 storage_url: str | None = None):
         self.config, self.store, self.resume = config, store, resume
+        self.storage_url = storage_url  # the shared Optuna storage, password included
         self.echo = echo or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.history: list[dict] = []
         self.exhausted: set[str] = set()  # nothing left to try in this run
@@ -144,8 +157,12 @@ class Loop:
             stored = {k: v for k, v in (run.get("config") or {}).items()
                       if k in RunConfig.__dataclass_fields__}
             self.config = cfg = RunConfig(**{**stored, "progress": cfg.progress})
+            self.storage_url = hpo_share.resumed_storage(cfg, self.storage_url)
             self.store.acquire_run_lock(run["id"])
             self.run_id = run["id"]
+            if self.storage_url:
+                hpo_share.check(self.storage_url, hpo_share.study_of(cfg, self.run_id),
+                                hpo_share.run_owner(self.store, self.run_id))
             _ensure_writable(self.store.run_dir(self.run_id))
             failed = self.store.mark_unfinished_failed(self.run_id)
             self.store.update_run(self.run_id, status="running")
@@ -155,6 +172,8 @@ class Loop:
                       f"{f', {failed} half-done step redone' if failed else ''}")
         else:
             self.store.acquire_run_lock(None)  # refuse before recording anything
+            if self.storage_url:
+                hpo_share.check(self.storage_url, cfg.study, owner=None)
             _ensure_writable(Path(cfg.workdir) if cfg.workdir else self.store.files_dir())
             self.run_id = self.store.create_run(config=asdict(cfg), environment=environment(cfg),
                                                 budget_s=cfg.budget_s, preset=cfg.preset,
@@ -168,6 +187,10 @@ class Loop:
         self.sources = resolve_sources(cfg.preset, cfg.model, cfg.data_dir, cfg.coco_dir, cfg.seed)
         self.budget = Budget(cfg.budget_s, cfg.reserve_fraction, spent_before=spent)
         self.store.track_spent(self.run_id, self.budget.spent)
+        if self.storage_url:
+            name = hpo_share.study_of(cfg, self.run_id)
+            self.echo(f"HPO trials go to study '{name}' in {cfg.storage}; start workers with "
+                      f"`python -m loop worker --storage URL --study {name}`")
 
     def set_up(self) -> None:
         """Load the base model once, load the data, build the fixed splits and subsets."""
@@ -389,6 +412,8 @@ class Loop:
         if error:
             fields["error"] = error[:2000]
         self.store.update_run(self.run_id, **fields)
+        if self.storage_url:
+            hpo_share.close(self.storage_url, hpo_share.study_of(self.config, self.run_id), status)
         if status == "finished":  # the report reads the finished run
             self.store.update_run(self.run_id, report_path=self.write_report(),
                                   spent_s=self.budget.spent())
@@ -411,7 +436,12 @@ class Loop:
                 strategy=strategy, parent_id=champion.adapter_id, cycle=index),
             evaluate=lambda b, config, *, adapter_path, examples=None: bench.run_eval(
                 b, config, adapter_path, examples if examples is not None else bench.tune[b]),
-            tune_examples=bench.tune, optuna_storage=self.store.optuna_storage_url(),
+            tune_examples=bench.tune,
+            optuna_storage=self.storage_url or self.store.optuna_storage_url(),
+            shared_storage=bool(self.storage_url), study_name=self.config.study,
+            world=hpo_share.world(self) if self.storage_url else {},
+            record_trial=lambda trial: bench.record_trial(trial, strategy=strategy,
+                                                          parent_id=champion.adapter_id),
             profile_name=bench.profile.name, preset=self.config.preset, run_id=self.run_id,
             train_lr=TRAIN_LR[self.config.preset])
 

@@ -6,4 +6,4 @@ Each module exposes ``add_parser(subparsers)`` (builds its argparse sub-parser a
 """
 
 # The order here is the order in ``python -m loop --help``.
-COMMANDS = ["run", "plan", "eval", "train", "diagnose", "log", "show", "pin", "report", "export"]
+COMMANDS = ["run", "worker", "plan", "eval", "train", "diagnose", "log", "show", "pin", "report", "export"]

@@ -40,6 +40,16 @@ def add_parser(sub) -> None:
     p.add_argument("--workdir", metavar="DIR",
                    help="where adapters, SFT data and reports go, in DIR/run-<id> (default: "
                    "beside the database, <db stem>.runs/run-<id>, so databases never share files)")
+    p.add_argument("--storage", metavar="URL",
+                   help="keep the HPO study in a storage that `loop worker` processes share: "
+                   "postgresql://USER@HOST/DB, mysql+pymysql://..., or a journal file "
+                   "(journal:///path/study.log or a path ending in .log); default: the study "
+                   "lives in the database and the loop runs every trial itself")
+    p.add_argument("--study", metavar="NAME",
+                   help="the HPO study's name in --storage (default: loop-hpo-run<id>)")
+    p.add_argument("--heartbeat", type=int, default=20, metavar="SECONDS",
+                   help="seconds between a shared trial's heartbeats; a trial whose process "
+                   "is silent for three of them is failed and queued again (default 20)")
     add_source_args(p)
     add_db_arg(p)
     p.set_defaults(func=run)
@@ -51,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from loop.budget import parse_duration
     from loop.controller import Loop, RunConfig
     from loop.store import Store
+    from strategies.hpo_study import masked, normalized
 
     if args.budget is None and not args.resume:
         raise UserError("`--budget` is required, e.g. `--budget 6h` (or `--resume` a run)")
@@ -65,11 +76,13 @@ def run(args: argparse.Namespace) -> int:
                        dev_size=args.dev_size, final_size=args.final_size,
                        batch_size=args.batch_size, prefix_cache=args.prefix_cache,
                        workdir=args.workdir, strategies=names,
-                       objective=args.objective,
+                       objective=args.objective, study=args.study, heartbeat_s=args.heartbeat,
+                       storage=masked(normalized(args.storage)) if args.storage else None,
                        progress=not args.quiet)
     store = Store(args.db)
+    url = normalized(args.storage) if args.storage else None
     try:
-        run_id = Loop(config, store, resume=args.resume).run()
+        run_id = Loop(config, store, resume=args.resume, storage_url=url).run()
     finally:
         store.close()
     run_row = Store(args.db).get_run(run_id)
