@@ -20,8 +20,8 @@ from __future__ import annotations
 import logging
 import os
 import random
-import threading
 import re
+import threading
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
