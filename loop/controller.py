@@ -187,10 +187,6 @@ class Loop:
         self.sources = resolve_sources(cfg.preset, cfg.model, cfg.data_dir, cfg.coco_dir, cfg.seed)
         self.budget = Budget(cfg.budget_s, cfg.reserve_fraction, spent_before=spent)
         self.store.track_spent(self.run_id, self.budget.spent)
-        if self.storage_url:
-            name = hpo_share.study_of(cfg, self.run_id)
-            self.echo(f"HPO trials go to study '{name}' in {cfg.storage}; start workers with "
-                      f"`python -m loop worker --storage URL --study {name}`")
 
     def set_up(self) -> None:
         """Load the base model once, load the data, build the fixed splits and subsets."""
@@ -210,6 +206,8 @@ class Loop:
                                workdir=workdir, batch_size=cfg.batch_size or profile.eval_batch_size,
                                progress=cfg.progress, prefix_cache=cfg.prefix_cache)
         sizes = self.bench.load_data(cfg.dev_size, cfg.final_size)
+        if self.storage_url and "optuna_hpo" in cfg.strategies:
+            hpo_share.open_for_workers(self)
         self.echo(f"run {self.run_id}: {sources.model} on {profile.name}, loaded in "
                   f"{time.time() - t0:.0f} s; dev subsets "
                   + ", ".join(f"{b} {s['dev_subset']}/{s['dev']}" for b, s in sizes.items())

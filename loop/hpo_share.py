@@ -52,13 +52,34 @@ def check(url: str, name: str | None, owner: dict | None) -> None:
 
 def world(loop) -> dict:
     """What a worker needs to rebuild this run's world, for ``Context.world``."""
+    from strategies.hpo_trial import MAX_TUNE_PER_BENCHMARK
+
     cfg, bench = loop.config, loop.bench
     return {"owner": run_owner(loop.store, loop.run_id), "preset": cfg.preset,
             "model": cfg.model, "data_dir": cfg.data_dir, "coco_dir": cfg.coco_dir,
             "seed": cfg.seed, "data_fingerprint": bench.data_fingerprint(),
             "adapter_dir": str((bench.workdir / "adapters").resolve()),
             "heartbeat_s": cfg.heartbeat_s, "batch_size": bench.batch_size,
-            "prefix_cache": cfg.prefix_cache}
+            "prefix_cache": cfg.prefix_cache,
+            "tune_ids": {b: [str(e["id"]) for e in ex[:MAX_TUNE_PER_BENCHMARK]]
+                         for b, ex in bench.tune.items() if ex}}
+
+
+def open_for_workers(loop) -> None:
+    """Create the run's study (or take it back on resume) with what workers need, so that
+    they load the model and data while the loop measures the baseline."""
+    import optuna
+
+    cfg = loop.config
+    name = study_of(cfg, loop.run_id)
+    study = optuna.create_study(storage=hpo_study.open_storage(loop.storage_url),
+                                study_name=name, direction="maximize", load_if_exists=True)
+    hpo_study.check_owner(study, run_owner(loop.store, loop.run_id), loop.storage_url)
+    facts = {k: v for k, v in world(loop).items() if k != "owner"}
+    if study.user_attrs.get("loop_world") != facts:
+        study.set_user_attr("loop_world", facts)
+    loop.echo(f"HPO trials go to study '{name}' in {cfg.storage}; start workers with "
+              f"`python -m loop worker --storage URL --study {name}`")
 
 
 def close(url: str, name: str, status: str) -> None:

@@ -88,7 +88,7 @@ class WorkerBench(ModelBench):
             evaluate=lambda b, config, *, adapter_path, examples=None: self.score(
                 config, adapter_path, examples if examples is not None else self.tune[b]),
             tune_examples=self.tune, train_lr=spec["train_lr"],
-            run_id=world["owner"].get("run_id"))
+            run_id=world.get("run_id"))
 
 
 def default_name() -> str:
@@ -139,13 +139,16 @@ def work(url: str, study_name: str, *, gpu: str = "auto", db: str | None = None,
     name = name or default_name()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study, world = wait_for_study(url, study_name, echo)
+    owner = study.user_attrs.get("loop_run") or {}
     if db:
-        check_db(db, world["owner"])
+        check_db(db, owner)
+    world = {**world, "run_id": owner.get("run_id")}
     beat = float(world["heartbeat_s"])
     study = optuna.load_study(study_name=study_name, storage=hpo_study.open_storage(url, int(beat)),
                               **study_options(world["seed"]))
-    hpo_study.report_alive(study, name, "loading")
-    bench = WorkerBench(world, gpu, batch_size, progress)
+    with hpo_study.beating(study, None, beat,
+                           alive=lambda: hpo_study.report_alive(study, name, "loading")):
+        bench = WorkerBench(world, gpu, batch_size, progress)
     echo(f"worker {name}: {bench.sources.model} on {bench.profile.name}, taking trials of "
          f"study '{study_name}'")
     builders: dict[int, SFTDataBuilder] = {}
@@ -170,13 +173,18 @@ def work(url: str, study_name: str, *, gpu: str = "auto", db: str | None = None,
                 trial.set_user_attr("cancelled", "the cycle had ended when a worker took it")
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 continue
-            ctx = bench.context(spec, world, name)
-            builder = builders.setdefault(cycle, SFTDataBuilder(ctx))
             echo(f"worker {name}: trial {trial.number} of cycle {cycle} ({seconds:.0f} s)")
             with hpo_study.beating(study, trial._trial_id, beat,
                                    alive=lambda n=trial.number: hpo_study.report_alive(
                                        study, name, f"trial {n}")):
-                number = run_trial(ctx, study, trial, builder, seconds, worker=name)
+                try:
+                    ctx = bench.context(spec, world, name)
+                    if cycle not in builders:
+                        builders[cycle] = SFTDataBuilder(ctx)
+                except BaseException:
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    raise
+                number = run_trial(ctx, study, trial, builders[cycle], seconds, worker=name)
             frozen = study.trials[number]
             bench.drop(frozen.user_attrs.get("adapter_path"))
             echo(f"worker {name}: trial {number} {frozen.state.name}"

@@ -105,11 +105,12 @@ def open_storage(url: str, heartbeat_s: int | None = None):
         engine["connect_args"] = {"connect_timeout": 10}
     try:
         return RDBStorage(url, engine_kwargs=engine, **kwargs)
-    except ModuleNotFoundError as exc:
-        extra = "postgres" if url.startswith("postgresql") else "a MySQL driver (pymysql)"
-        raise UserError(f"the storage {shown} needs the Python driver '{exc.name}': install "
-                        f"{'the postgres extra, pip install -e .[postgres]' if extra == 'postgres' else extra}"
-                        ) from None
+    except ImportError as exc:  # Optuna re-raises the driver's ModuleNotFoundError
+        missing = getattr(exc.__cause__, "name", None) or "its driver"
+        hint = ("the postgres extra: pip install -e '.[postgres]'" if url.startswith("postgresql")
+                else "the driver the URL names, e.g. pymysql for mysql+pymysql://")
+        raise UserError(f"the storage {shown} needs the Python module '{missing}': install "
+                        f"{hint}") from None
     except Exception as exc:  # sqlalchemy's OperationalError and friends
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise UserError(f"cannot reach the Optuna storage {shown}: {reason}. Check that the "

@@ -169,11 +169,11 @@ class OptunaHPO(Strategy):
         study.sampler = study_options(ctx.seed + len(study.trials))["sampler"]
         if ctx.shared_storage:
             hpo_study.check_owner(study, ctx.world["owner"], url)
-            if "loop_world" not in study.user_attrs:
+            if "loop_world" not in study.user_attrs:  # the controller writes it at the start
                 study.set_user_attr("loop_world", {
-                    **{k: v for k, v in ctx.world.items() if k != "owner"},
                     "tune_ids": {b: [str(e["id"]) for e in ex]
-                                 for b, ex in self.tune_sets(ctx).items()}})
+                                 for b, ex in self.tune_sets(ctx).items()},
+                    **{k: v for k, v in ctx.world.items() if k != "owner"}})
         return study
 
     def _offer(self, ctx: Context, study, n_trials: int) -> None:
