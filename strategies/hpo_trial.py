@@ -78,7 +78,9 @@ def run_trial(ctx: Context, study, trial, builder: SFTDataBuilder, seconds: floa
         path, result = ctx.train(records, config, name=f"{study.study_name}-t{trial.number}",
                                  deadline_s=deadline_s)
         trial.set_user_attr("train", {"config": config.to_dict(),
-                                      "status": getattr(result, "status", None)})
+                                      "status": getattr(result, "status", None),
+                                      "samples": getattr(result, "samples", None),
+                                      "seconds": getattr(result, "seconds", None)})
         trial.set_user_attr("data", info)
         if path is None:
             study.tell(trial, state=TrialState.FAIL)
