@@ -77,6 +77,9 @@ class RunConfig:
     itself is given to ``Loop``); None: the study lives in experiments.db."""
     study: str | None = None
     """The HPO study's name in that storage; None: loop-hpo-run<id>."""
+    hpo_here: bool = False
+    """With a shared storage, the loop also runs HPO trials on its own GPU while workers run
+    theirs; by default it runs them only when no worker is alive."""
     heartbeat_s: int = 20
     """Seconds between the heartbeats of a trial in a shared storage; a trial whose process
     is silent for three of them is failed and queued again."""

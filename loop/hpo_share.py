@@ -59,7 +59,8 @@ def world(loop) -> dict:
             "model": cfg.model, "data_dir": cfg.data_dir, "coco_dir": cfg.coco_dir,
             "seed": cfg.seed, "data_fingerprint": bench.data_fingerprint(),
             "adapter_dir": str((bench.workdir / "adapters").resolve()),
-            "heartbeat_s": cfg.heartbeat_s, "batch_size": bench.batch_size,
+            "heartbeat_s": cfg.heartbeat_s, "hpo_here": cfg.hpo_here,
+            "batch_size": bench.batch_size,
             "prefix_cache": cfg.prefix_cache,
             "tune_ids": {b: [str(e["id"]) for e in ex[:MAX_TUNE_PER_BENCHMARK]]
                          for b, ex in bench.tune.items() if ex}}

@@ -190,8 +190,8 @@ class OptunaHPO(Strategy):
     def _wait_or_run(self, ctx: Context, study, clock: Clock, available: float,
                      reserve: float, time_box: float) -> list[int]:
         """Until every slot of this cycle is finished or the time is up: while a worker is
-        alive, wait for the workers; otherwise run the next slot here. Returns the numbers of
-        the trials this process ran."""
+        alive, wait for the workers; otherwise (or always with ``loop run --hpo-here``) run
+        the next slot here. Returns the numbers of the trials this process ran."""
         from optuna.trial import TrialState
 
         beat = float(ctx.world.get("heartbeat_s") or hpo_study.HEARTBEAT_S)
@@ -205,7 +205,8 @@ class OptunaHPO(Strategy):
             if not mine or left <= 0:
                 return ran
             waiting = any(t.state == TrialState.WAITING for t in mine)
-            alone = not (ctx.shared_storage and hpo_study.live_workers(study, 3 * beat))
+            alone = ctx.world.get("hpo_here") or not (
+                ctx.shared_storage and hpo_study.live_workers(study, 3 * beat))
             if waiting and alone and min(time_box, left) >= self.trial_floor(ctx):
                 trial = hpo_study.claim(study, ctx.cycle)
                 if trial is not None:

@@ -296,3 +296,39 @@ def test_a_journal_study_of_another_run_is_refused(tmp_path, capsys):
     _taken(url, "taken")
     code, err = _run(tmp_path, capsys, "--storage", url, "--study", "taken")
     assert code == 2 and "belongs to run 7" in err
+
+
+@pytest.mark.parametrize("kind", ["postgres", "journal"])
+def test_optuna_dashboard_opens_the_study(kind, request, tmp_path):
+    """The README's `optuna-dashboard URL` lists the run's study, whichever storage."""
+    exe = shutil.which("optuna-dashboard") or str(Path(sys.executable).with_name(
+        "optuna-dashboard"))
+    if not Path(exe).exists():
+        pytest.skip("optuna-dashboard (the dashboard extra) is not installed")
+    if kind == "postgres":
+        url = shown = request.getfixturevalue("pg_url")
+    else:
+        url, shown = f"journal://{tmp_path / 'study.log'}", str(tmp_path / "study.log")
+    _taken(url, "seen")
+    import socket as socket_module
+
+    with socket_module.socket() as s:  # a free port (binding is local, not a connection)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([exe, shown, "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    get = ("import sys, time, urllib.request\n"
+           "for _ in range(100):\n"
+           "    try:\n"
+           f"        print(urllib.request.urlopen('http://127.0.0.1:{port}/api/studies').read()"
+           ".decode()); sys.exit(0)\n"
+           "    except OSError:\n"
+           "        time.sleep(0.2)\n"
+           "sys.exit(1)\n")
+    try:
+        out = subprocess.run([sys.executable, "-c", get], capture_output=True, text=True,
+                             timeout=60)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert out.returncode == 0 and '"study_name": "seen"' in out.stdout

@@ -47,6 +47,9 @@ def add_parser(sub) -> None:
                    "lives in the database and the loop runs every trial itself")
     p.add_argument("--study", metavar="NAME",
                    help="the HPO study's name in --storage (default: loop-hpo-run<id>)")
+    p.add_argument("--hpo-here", action="store_true",
+                   help="with --storage, the loop also runs HPO trials on its own GPU while "
+                   "workers run theirs (default: only when no worker is alive)")
     p.add_argument("--heartbeat", type=int, default=20, metavar="SECONDS",
                    help="seconds between a shared trial's heartbeats; a trial whose process "
                    "is silent for three of them is failed and queued again (default 20)")
@@ -77,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
                        batch_size=args.batch_size, prefix_cache=args.prefix_cache,
                        workdir=args.workdir, strategies=names,
                        objective=args.objective, study=args.study, heartbeat_s=args.heartbeat,
+                       hpo_here=args.hpo_here,
                        storage=masked(normalized(args.storage)) if args.storage else None,
                        progress=not args.quiet)
     store = Store(args.db)
