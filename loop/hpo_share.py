@@ -79,6 +79,8 @@ def open_for_workers(loop) -> None:
     facts = {k: v for k, v in world(loop).items() if k != "owner"}
     if study.user_attrs.get("loop_world") != facts:
         study.set_user_attr("loop_world", facts)
+    if study.user_attrs.get("loop_closed"):  # a resumed run: its workers may come back
+        study.set_user_attr("loop_closed", None)
     loop.echo(f"HPO trials go to study '{name}' in {cfg.storage}; start workers with "
               f"`python -m loop worker --storage URL --study {name}`")
 

@@ -221,7 +221,7 @@ class Workbench(ModelBench):
         trained one, among the run's adapters."""
         self.store.save_proposal(self.run_id, int(trial.get("cycle") or 0),
                                  f"hpo-trial-{trial['study']}-{trial['number']}", trial)
-        path = trial.get("adapter_path")
+        path = trial.get("adapter_path") if trial["state"] in ("COMPLETE", "PRUNED") else None
         if path and not any(a["path"] == path for a in self.store.adapters(self.run_id)):
             self.store.add_adapter(
                 run_id=self.run_id, path=path, parent_id=parent_id, strategy=strategy,

@@ -101,7 +101,7 @@ def wait_for_study(url: str, name: str, echo) -> tuple:
     storage = hpo_study.open_storage(url)
     said = False
     while True:
-        study = hpo_study.load_owned_study(url, name, storage)
+        study = hpo_study.load_or_none(url, name, storage)
         if study is not None and "loop_world" in study.user_attrs:
             return study, study.user_attrs["loop_world"]
         if not said:
@@ -155,7 +155,7 @@ def work(url: str, study_name: str, *, gpu: str = "auto", db: str | None = None,
     done = 0
     try:
         while max_trials is None or done < max_trials:
-            if "loop_closed" in study.user_attrs:
+            if study.user_attrs.get("loop_closed"):
                 echo(f"worker {name}: the run is {study.user_attrs['loop_closed']}; stopping")
                 break
             hpo_study.fail_dead_trials(study)

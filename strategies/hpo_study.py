@@ -156,8 +156,8 @@ def check_owner(study, owner: dict, url: str) -> None:
                         "name with --study, or another storage")
 
 
-def load_owned_study(url: str, name: str, storage=None):
-    """The study ``name`` for a worker, or None while it does not exist yet."""
+def load_or_none(url: str, name: str, storage=None):
+    """The study ``name``, or None while it does not exist yet."""
     import optuna
 
     storage = storage or open_storage(url)

@@ -58,6 +58,9 @@ def run_trial(ctx: Context, study, trial, builder: SFTDataBuilder, seconds: floa
     from optuna.trial import TrialState
 
     started = ctx.clock()
+    for stale in ("adapter_path", "train", "data", "seconds", "failed"):
+        if trial.user_attrs.get(stale) is not None:  # a retried trial carries its last attempt's
+            trial.set_user_attr(stale, None)
     trial.set_user_attr("worker", {"name": worker, "host": socket.gethostname(),
                                    "started": time.time()})
     try:
