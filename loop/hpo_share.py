@@ -73,6 +73,7 @@ def open_for_workers(loop) -> None:
 
     cfg = loop.config
     name = study_of(cfg, loop.run_id)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=hpo_study.open_storage(loop.storage_url),
                                 study_name=name, direction="maximize", load_if_exists=True)
     hpo_study.check_owner(study, run_owner(loop.store, loop.run_id), loop.storage_url)
