@@ -332,3 +332,24 @@ def test_optuna_dashboard_opens_the_study(kind, request, tmp_path):
         server.terminate()
         server.wait(timeout=30)
     assert out.returncode == 0 and '"study_name": "seen"' in out.stdout
+
+
+def test_a_worker_on_an_unreachable_storage_is_one_clear_line(tmp_path, capsys):
+    code = main(["worker", "--storage", f"postgresql://loop@/loop?host={tmp_path}",
+                 "--study", "exp1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: cannot reach the Optuna storage postgresql://")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_resumed_run_asks_for_a_password_it_never_stored():
+    from core.exceptions import UserError
+    from loop.hpo_share import resumed_storage
+
+    config = RunConfig(budget_s=60, storage=hpo_study.masked("postgresql://loop:pw@db/loop"))
+    assert config.storage == "postgresql://loop:***@db/loop"
+    with pytest.raises(UserError, match="give it again with --storage URL"):
+        resumed_storage(config, None)
+    assert resumed_storage(config, "postgresql://loop:pw@db/loop") == "postgresql://loop:pw@db/loop"
+    journal = RunConfig(budget_s=60, storage=hpo_study.normalized("runs/study.log"))
+    assert resumed_storage(journal, None) == f"journal://{Path('runs/study.log').resolve()}"
