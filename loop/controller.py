@@ -18,6 +18,7 @@ from pathlib import Path
 import strategies
 from core.evaluate import EvalConfig
 from core.exceptions import UserError
+from loop import hpo_share
 from loop.budget import Budget, CostModel, fmt_s, priors
 from loop.decision import OBJECTIVES, comparisons_made, judge, paired_scores
 from loop.policy import Choice, choose
@@ -78,6 +79,17 @@ class RunConfig:
     options: dict | None = None
     """The command's resolved options (flags over ``--config`` file over defaults), by argparse
     destination; ``loop show --config`` prints them as a file that reproduces the run."""
+    storage: str | None = None
+    """Optuna storage shared with ``loop worker`` processes, its password masked (the URL
+    itself is given to ``Loop``); None: the study lives in experiments.db."""
+    study: str | None = None
+    """The HPO study's name in that storage; None: loop-hpo-run<id>."""
+    hpo_here: bool = False
+    """With a shared storage, the loop also runs HPO trials on its own GPU while workers run
+    theirs; by default it runs them only when no worker is alive."""
+    heartbeat_s: int = 20
+    """Seconds between the heartbeats of a trial in a shared storage; a trial whose process
+    is silent for three of them is failed and queued again."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -96,6 +108,8 @@ class RunConfig:
         if self.report_to not in TRACKERS:
             problems.append(f"report_to must be one of {', '.join(TRACKERS)}, "
                             f"got '{self.report_to}'")
+        if self.heartbeat_s < 1:
+            problems.append(f"heartbeat_s must be at least 1, got {self.heartbeat_s}")
         if problems:
             raise UserError("invalid run configuration: " + "; ".join(problems))
 
@@ -107,8 +121,10 @@ TRAIN_LR = {"saiga": 2e-4, "demo": 2e-3, "saiga-tiny": 1e-3}
 class Loop:
     """One run of the loop. ``Loop(config, store).run()`` returns the run id."""
 
-    def __init__(self, config: RunConfig, store, *, resume: bool = False, echo=None):
+    def __init__(self, config: RunConfig, store, *, resume: bool = False, echo=None,
+                 storage_url: str | None = None):
         self.config, self.store, self.resume = config, store, resume
+        self.storage_url = storage_url  # the shared Optuna storage, password included
         self.echo = echo or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.history: list[dict] = []
         self.exhausted: set[str] = set()  # nothing left to try in this run
@@ -157,8 +173,12 @@ class Loop:
                       if k in RunConfig.__dataclass_fields__}
             self.config = cfg = RunConfig(**{**stored, "progress": cfg.progress})
             check(cfg.report_to)  # the run's own tracker, before the run is taken up again
+            self.storage_url = hpo_share.resumed_storage(cfg, self.storage_url)
             self.store.acquire_run_lock(run["id"])
             self.run_id = run["id"]
+            if self.storage_url:
+                hpo_share.check(self.storage_url, hpo_share.study_of(cfg, self.run_id),
+                                hpo_share.run_owner(self.store, self.run_id))
             _ensure_writable(self.store.run_dir(self.run_id))
             failed = self.store.mark_unfinished_failed(self.run_id)
             self.store.update_run(self.run_id, status="running")
@@ -168,6 +188,8 @@ class Loop:
                       f"{f', {failed} half-done step redone' if failed else ''}")
         else:
             self.store.acquire_run_lock(None)  # refuse before recording anything
+            if self.storage_url:
+                hpo_share.check(self.storage_url, cfg.study, owner=None)
             _ensure_writable(Path(cfg.workdir) if cfg.workdir else self.store.files_dir())
             self.run_id = self.store.create_run(config=asdict(cfg), environment=environment(cfg),
                                                 budget_s=cfg.budget_s, preset=cfg.preset,
@@ -204,6 +226,8 @@ class Loop:
                                progress=cfg.progress, prefix_cache=cfg.prefix_cache,
                                on_train_step=self.report.train_step)
         sizes = self.bench.load_data(cfg.dev_size, cfg.final_size)
+        if self.storage_url and "optuna_hpo" in cfg.strategies:
+            hpo_share.open_for_workers(self)
         self.echo(f"run {self.run_id}: {sources.model} on {profile.name}, loaded in "
                   f"{time.time() - t0:.0f} s; dev subsets "
                   + ", ".join(f"{b} {s['dev_subset']}/{s['dev']}" for b, s in sizes.items())
@@ -411,6 +435,8 @@ class Loop:
         if error:
             fields["error"] = error[:2000]
         self.store.update_run(self.run_id, **fields)
+        if self.storage_url:
+            hpo_share.close(self.storage_url, hpo_share.study_of(self.config, self.run_id), status)
         if status == "finished":  # the report reads the finished run
             self.store.update_run(self.run_id, report_path=self.write_report(),
                                   spent_s=self.budget.spent())
@@ -433,7 +459,12 @@ class Loop:
                 strategy=strategy, parent_id=champion.adapter_id, cycle=index),
             evaluate=lambda b, config, *, adapter_path, examples=None: bench.run_eval(
                 b, config, adapter_path, examples if examples is not None else bench.tune[b]),
-            tune_examples=bench.tune, optuna_storage=self.store.optuna_storage_url(),
+            tune_examples=bench.tune,
+            optuna_storage=self.storage_url or self.store.optuna_storage_url(),
+            shared_storage=bool(self.storage_url), study_name=self.config.study,
+            world=hpo_share.world(self) if self.storage_url else {},
+            record_trial=lambda trial: bench.record_trial(trial, strategy=strategy,
+                                                          parent_id=champion.adapter_id),
             profile_name=bench.profile.name, preset=self.config.preset, run_id=self.run_id,
             train_lr=TRAIN_LR[self.config.preset])
 

@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import shutil
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from core.data import load_benchmark
-from core.distributed import evaluate
 from core.errors import BenchmarkOptimizer
 from core.evaluate import EvalConfig, summarize
 from core.exceptions import UserError
 from core.splits import make_splits, stratified_subset
 from loop.budget import Budget, CostModel, dev_subset_size, final_subset_size
+from loop.modelbench import ModelBench
 from strategies.base import BENCHMARKS, Candidate
 
 log = logging.getLogger(__name__)
@@ -42,7 +40,7 @@ class Scored:
     """The EvalResult while it is not recorded yet (eval_id -1)."""
 
 
-class Workbench:
+class Workbench(ModelBench):
     def __init__(self, *, store, run_id: int, vlm, profile, sources, budget: Budget,
                  costs: CostModel, seed: int, workdir: Path, batch_size: int, progress: bool,
                  prefix_cache: bool = True, on_train_step=None):
@@ -120,34 +118,6 @@ class Workbench:
         for part in ("dev", "tune", "final"):
             getattr(self, part)[b] = [self.by_id[b][i] for i in ids[part]]
 
-    @cached_property
-    def protected(self) -> dict[str, set[str]]:
-        """What training data must not contain: every evaluation image (by id and by pixel
-        digest) and question, of dev and final alike (``strategies.guard``)."""
-        from strategies.guard import protected_keys
-
-        return protected_keys([e for records in self.examples.values() for e in records],
-                              digests=True)
-
-    @cached_property
-    def guard_keys(self):
-        """``protected`` prepared for fast checks (``strategies.guard.prepare``)."""
-        from strategies.guard import prepare
-
-        return prepare(self.protected)
-
-    @cached_property
-    def train_templates(self) -> set[str]:
-        """Questions GQA-ru train asks about many images: sharing one leaks nothing."""
-        from core.data import load_gqa
-        from strategies.guard import template_questions
-
-        try:
-            return template_questions(load_gqa(self.sources.data.gqa, "train"))
-        except UserError as exc:  # then only the records' own templates are allowed
-            log.warning("GQA-ru train unreadable, no template questions allowed: %s", exc)
-            return set()
-
     def final_sizes(self, seconds: float, runs: int) -> dict[str, int]:
         """Final questions per benchmark that fit ``runs`` evaluations in ``seconds``."""
         need = sum(runs * self.costs.eval_seconds(b, len(self.final[b])) for b in self.final)
@@ -156,30 +126,6 @@ class Workbench:
 
     def final_subset(self, benchmark: str, n: int) -> list[dict]:
         return stratified_subset(self.final[benchmark], n, seed=self.seed)
-
-    def data_fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for b in BENCHMARKS:
-            for e in self.examples.get(b, []):
-                h.update(f"{b}:{e['id']}:{e.get('answer')}\n".encode())
-        return h.hexdigest()[:16]
-
-    # ------------------------------------------------------------ adapters
-
-    def activate(self, adapter_path: str | None) -> None:
-        if adapter_path is None:
-            self.vlm.set_adapter(None)
-            return
-        name = adapter_name(adapter_path)
-        if name not in self.vlm.adapters:
-            self.vlm.load_adapter(adapter_path, name)
-        self.vlm.set_adapter(name)
-
-    def drop(self, adapter_path: str | None) -> None:
-        """Unload a rejected adapter (its files stay on disk and in the record)."""
-        if adapter_path and adapter_name(adapter_path) in self.vlm.adapters:
-            self.vlm.set_adapter(None)
-            self.vlm.delete_adapter(adapter_name(adapter_path))
 
     # ------------------------------------------------------------ evaluation
 
@@ -194,8 +140,7 @@ class Workbench:
 
         self.activate(adapter_path)
         announce(self, benchmark, config, adapter_path, examples)
-        result = evaluate(self.vlm, examples, config, batch_size=self.batch_size,
-                          progress=self.progress, prefix_cache=self.prefix_cache)
+        result = self.score(config, adapter_path, examples)
         self.costs.observe_eval(benchmark, len(examples), result.seconds, config.mode)
         self.store.heartbeat()
         return result
@@ -251,33 +196,26 @@ class Workbench:
         checkpoint, whatever the strategy proposes this time; an unusable checkpoint is set
         aside and training starts again in a fresh folder.
         """
-        from core.train import TrainHooks, train_lora
-        from strategies.base import ProposalFailed
-        from strategies.guard import LeakageError, screen
-
-        try:  # every path that trains passes the one leakage guard, whoever built the data
-            records, guard = screen(records, self.guard_keys, source=f"{strategy} ({name})",
-                                    allowed_questions=self.train_templates)
-        except LeakageError as exc:
-            raise ProposalFailed(str(exc)) from None
+        # every path that trains passes the one leakage guard, whoever built the data
+        records, guard = self.screened(records, source=f"{strategy} ({name})")
         out = self.workdir / "adapters" / name
         records, config, replayed = self._proposal(records, config, name, strategy, parent_id,
                                                    cycle, out)
         deadline = self.budget.deadline(deadline_s)
-        self.vlm.set_adapter(None)
-        kwargs = dict(deadline=deadline, profile=self.profile, adapter_name=adapter_name(str(out)))
+        hooks = None
         if self.on_train_step is not None:
-            kwargs["hooks"] = TrainHooks(
-                after_step=lambda step, loss: self.on_train_step(name, step, loss))
+            from core.train import TrainHooks
+
+            hooks = TrainHooks(after_step=lambda step, loss: self.on_train_step(name, step, loss))
         try:
-            result = train_lora(self.vlm, records, config, out, resume=True, **kwargs)
+            result = self.fit(records, config, out, deadline=deadline, resume=True, hooks=hooks)
         except Exception as exc:
             if not replayed or not out.exists():
                 raise
             aside = _set_aside(out)
             log.warning("cannot continue the training in %s (%s); moved it to %s and training "
                         "again from the start", out, exc, aside)
-            result = train_lora(self.vlm, records, config, out, resume=False, **kwargs)
+            result = self.fit(records, config, out, deadline=deadline, resume=False)
         self.store.heartbeat()
         if guard["refused"]:
             result.skipped["leakage_refused"] = guard["refused"]
@@ -291,6 +229,21 @@ class Workbench:
                 config=config.to_dict(), metrics={k: v for k, v in result.to_dict().items()
                                                   if k != "loss_curve"})
         return str(out), result
+
+    def record_trial(self, trial: dict, *, strategy: str, parent_id: int | None) -> None:
+        """Keep one finished HPO trial, whoever ran it (this process or a ``loop worker``):
+        its record under ``hpo-trial-<study>-<number>`` of its cycle, and its adapter, when it
+        trained one, among the run's adapters."""
+        self.store.save_proposal(self.run_id, int(trial.get("cycle") or 0),
+                                 f"hpo-trial-{trial['study']}-{trial['number']}", trial)
+        path = trial.get("adapter_path") if trial["state"] in ("COMPLETE", "PRUNED") else None
+        if path and not any(a["path"] == path for a in self.store.adapters(self.run_id)):
+            self.store.add_adapter(
+                run_id=self.run_id, path=path, parent_id=parent_id, strategy=strategy,
+                config=(trial.get("train") or {}).get("config") or {},
+                metrics={"tune_value": trial.get("value"), "state": trial["state"],
+                         "worker": trial.get("worker"),
+                         "train_status": (trial.get("train") or {}).get("status")})
 
     def _proposal(self, records: list[dict], config, name: str, strategy: str,
                   parent_id: int | None, cycle: int, out: Path):
@@ -336,11 +289,3 @@ def _set_aside(out: Path) -> Path:
         k += 1
     shutil.move(str(out), str(aside))
     return aside
-
-
-def adapter_name(path: str) -> str:
-    """A stable adapter name for a folder (PEFT names must be identifiers)."""
-    stem = re.sub(r"[^0-9a-zA-Z_]", "_", Path(path).name)
-    digest = hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:6]
-    return f"a_{stem}_{digest}"
-

@@ -111,7 +111,17 @@ class Context:
     tune_examples: dict[str, list[dict]] = field(default_factory=dict)
     """benchmark -> dev questions outside the decision subset, for strategies that search."""
     optuna_storage: str | None = None
-    """``sqlite:///...`` URL of experiments.db (Optuna owns its own tables there)."""
+    """Optuna storage URL: experiments.db's ``sqlite:///...`` (Optuna owns its own tables
+    there), or the shared storage given with ``loop run --storage``."""
+    shared_storage: bool = False
+    """The study is shared with ``loop worker`` processes (``strategies.hpo_study``)."""
+    study_name: str | None = None
+    """The HPO study's name (``loop run --study``); None: ``loop-hpo-run<id>``."""
+    world: dict[str, Any] = field(default_factory=dict)
+    """What a worker needs to rebuild this run's world: ``owner`` (the run's token, id and
+    database), sources, seed, data fingerprint, ``adapter_dir``, ``heartbeat_s``."""
+    record_trial: Callable[[dict], None] = lambda record: None
+    """record_trial(record): keep one finished HPO trial (whoever ran it) in experiments.db."""
     train_lr: float = 2e-4
     """The LoRA learning rate that suits this base model: 2e-4 for an 8B model (the usual
     LoRA SFT value), higher for the tiny demo model, whose weights are far fewer."""

@@ -1,30 +1,44 @@
 """Remedy ``optuna_hpo``: an Optuna search over LoRA hyper-parameters and the data mix.
 
-The study lives in ``ctx.optuna_storage`` (the same ``experiments.db``; Optuna owns its own
-tables there), one study per run, resumed across cycles and after a crash. Trials that a killed
-process left RUNNING are marked FAIL before anything else, never left running. Each cycle runs
-as many trials as fit in the time left after the candidate's dev evaluation; every trial trains
-through ``ctx.train`` with its own deadline and is scored on ``ctx.tune_examples`` (dev
-questions outside the decision subset, so the paired test never judges data it was selected
-on), in two halves: the first half's accuracy is reported as an intermediate value, and the
-median pruner may stop the trial there. The best completed trial not yet proposed in this run
-becomes the candidate.
+One study per run, resumed across cycles and after a crash. By default it lives in
+``ctx.optuna_storage``, the run's own ``experiments.db`` (Optuna owns its own tables there),
+and the loop runs every trial itself; trials that a killed process left RUNNING are marked FAIL
+before anything else, never left running. With ``loop run --storage URL`` the study lives in a
+storage many processes share (``strategies.hpo_study``) and ``loop worker`` processes run the
+trials.
 
-Search space: ``lr`` (log), ``rank``, ``alpha_mult`` (alpha = rank x mult), ``dropout``,
-``steps_frac`` (share of the steps that fit the trial's time) and the mix shares
-``choice_share`` and ``instruct_share`` (the rest is short answers).
+Each cycle offers as many trials as fit in the time left after the candidate's dev evaluation,
+each with the same time box, as slots (WAITING trials tagged with the cycle). Live workers take
+them; when no worker is alive (always, without ``--storage``) the loop takes them itself, one
+after the other. The loop waits until every slot is finished or the cycle's time is up, fails
+the slots nobody took, and uses whatever finished: the best completed trial not yet proposed in
+this run becomes the candidate. A trial still running at the deadline may finish later and be
+proposed by a later cycle. Every trial (``strategies.hpo_trial.run_trial``, the same function in
+the loop and in a worker) trains through ``ctx.train`` and is scored on ``ctx.tune_examples``;
+every finished trial is recorded in experiments.db through ``ctx.record_trial``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import time
+import zlib
 from pathlib import Path
 
-from core.train import TrainConfig
+from strategies import hpo_study
 from strategies.base import Candidate, Context, ProposalFailed, Strategy
-from strategies.common import Clock, plan_training
-from strategies.sft_data import Mix, SFTDataBuilder
+from strategies.common import Clock
+from strategies.hpo_trial import (
+    DEFAULT_PARAMS,
+    run_trial,
+    study_options,
+    trial_record,
+    tune_cost,
+    tune_sets,
+)
+from strategies.sft_data import SFTDataBuilder
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +49,19 @@ MAX_TRIAL_SAMPLES = 100 * 16
 """Training samples of the largest trial (a hundred steps of 16)."""
 TIME_SHARE = 0.6
 """Share of the time left after the dev evaluation that one cycle's trials may use."""
-MAX_TUNE_PER_BENCHMARK = 200
-DEFAULT_PARAMS = {"rank": 16, "alpha_mult": 2, "dropout": 0.05, "steps_frac": 1.0,
-                  "choice_share": 0.3, "instruct_share": 0.15}
+POLL_S = 1.0
+"""Seconds between looks at the shared study while workers run the trials."""
 
 
 def study_name(ctx: Context) -> str:
+    if ctx.study_name:
+        return ctx.study_name
     return f"loop-hpo-run{ctx.run_id}" if ctx.run_id is not None else f"loop-hpo-{ctx.seed}"
 
 
 def fail_stale_trials(study) -> list[int]:
-    """Mark every RUNNING trial FAIL (only one run uses a study, and it is starting now)."""
+    """Mark every RUNNING trial FAIL (only this run uses its own database's study, and it is
+    starting now)."""
     from optuna.trial import TrialState
 
     stale = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
@@ -57,17 +73,18 @@ def fail_stale_trials(study) -> list[int]:
     return stale
 
 
-def suggest(trial, base_lr: float) -> tuple[dict, Mix]:
-    """The trial's hyper-parameters (TrainConfig fields) and data mix; the learning rate is
-    searched from a quarter to five times the model's usual LoRA rate."""
-    rank = trial.suggest_categorical("rank", [4, 8, 16, 32])
-    params = {"lr": trial.suggest_float("lr", base_lr / 4, base_lr * 5, log=True), "rank": rank,
-              "alpha": rank * trial.suggest_categorical("alpha_mult", [1, 2, 4]),
-              "dropout": trial.suggest_float("dropout", 0.0, 0.2),
-              "steps_frac": trial.suggest_float("steps_frac", 0.3, 1.0)}
-    choice = trial.suggest_float("choice_share", 0.0, 0.6)
-    instruct = trial.suggest_float("instruct_share", 0.0, 0.3)
-    return params, Mix(short=max(0.1, 1.0 - choice - instruct), choice=choice, instruct=instruct)
+def cycle_spec(ctx: Context, time_box_s: float, expires_at: float, n_trials: int) -> dict:
+    """What a worker needs of this cycle to run its trials as the loop would."""
+    keep = ("benchmark", "n", "n_errors", "counts", "shares", "per_category", "label_categories")
+    return {"cycle": ctx.cycle, "seed": ctx.seed, "train_lr": ctx.train_lr,
+            "workdir": str(Path(ctx.workdir).resolve()),
+            "eval_configs": {b: c.to_dict() for b, c in ctx.champion.eval_configs.items()},
+            "profiles": {b: {k: v for k, v in p.to_dict().items() if k in keep}
+                         for b, p in ctx.profiles.items()},
+            "rates": {"eval_s_per_sample": dict(ctx.rates.eval_s_per_sample),
+                      "train_s_per_sample": ctx.rates.train_s_per_sample,
+                      "load_s": ctx.rates.load_s},
+            "time_box_s": time_box_s, "expires_at": expires_at, "n_trials": n_trials}
 
 
 class OptunaHPO(Strategy):
@@ -82,10 +99,10 @@ class OptunaHPO(Strategy):
     summary = "Optuna search over lr, rank, alpha, dropout, steps and the data mix"
 
     def tune_sets(self, ctx: Context) -> dict[str, list[dict]]:
-        return {b: list(ex)[:MAX_TUNE_PER_BENCHMARK] for b, ex in ctx.tune_examples.items() if ex}
+        return tune_sets(ctx)
 
     def tune_cost(self, ctx: Context) -> float:
-        return sum(ctx.rates.eval_s_per_sample[b] * len(ex) for b, ex in self.tune_sets(ctx).items())
+        return tune_cost(ctx)
 
     def trial_floor(self, ctx: Context) -> float:
         """Seconds of the smallest trial worth running, its tune evaluation included."""
@@ -107,8 +124,6 @@ class OptunaHPO(Strategy):
         return self.reserve(ctx) + max(self.trial_floor(ctx), self.search_seconds(ctx))
 
     def propose(self, ctx: Context) -> Candidate:
-        import optuna
-
         clock = Clock(ctx)
         if not self.tune_sets(ctx):
             raise ProposalFailed("optuna_hpo needs ctx.tune_examples (dev questions outside "
@@ -120,85 +135,94 @@ class OptunaHPO(Strategy):
             need = self.trial_floor(ctx) / TIME_SHARE + reserve
             raise ProposalFailed(f"optuna_hpo needs about {need:.0f} s for one trial and the "
                                  f"dev evaluation; {ctx.time_left_s:.0f} s are left")
-        storage = ctx.optuna_storage or f"sqlite:///{Path(ctx.workdir).resolve() / 'optuna.db'}"
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(
-            storage=storage, study_name=study_name(ctx), direction="maximize",
-            load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=ctx.seed),
-            pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
-        stale = fail_stale_trials(study)
-        study.sampler = optuna.samplers.TPESampler(seed=ctx.seed + len(study.trials))
-        if not study.trials:
-            study.enqueue_trial({**DEFAULT_PARAMS, "lr": ctx.train_lr})
-        builder = SFTDataBuilder(ctx)
-        ran = []
-        for i in range(n_trials):
-            per_trial = min(available - clock.elapsed(), clock.left(reserve)) / (n_trials - i)
-            if per_trial < self.trial_floor(ctx):
-                break
-            ran.append(self._trial(ctx, study, builder, per_trial, clock, reserve))
-        return self._best(ctx, study, ran, stale)
+        study = self.open_study(ctx)
+        if ctx.shared_storage:
+            stale: list[int] = []  # dead workers' trials: failed by their heartbeat, retried
+            hpo_study.fail_dead_trials(study)
+        else:
+            stale = fail_stale_trials(study)
+        time_box = available / n_trials
+        study.set_user_attr(f"loop_cycle_{ctx.cycle}", cycle_spec(
+            ctx, time_box, time.time() + min(available, clock.left(reserve)), n_trials))
+        self._offer(ctx, study, n_trials)
+        try:
+            ran = self._wait_or_run(ctx, study, clock, available, reserve, time_box)
+        finally:  # no slot of a cycle that is over may be taken later
+            cancelled = hpo_study.cancel_waiting(study, ctx.cycle, "nobody took it before "
+                                                 "the cycle ended")
+        for t in study.get_trials(deepcopy=False):
+            if t.state.is_finished() and hpo_study.CYCLE_ATTR in t.user_attrs:
+                ctx.record_trial(trial_record(study.study_name, t))
+        return self._best(ctx, study, ran, stale, cancelled)
 
-    def _trial(self, ctx: Context, study, builder: SFTDataBuilder, seconds: float,
-               clock: Clock, reserve: float) -> int:
-        """Run one trial within ``seconds``; returns its number. Never leaves it RUNNING."""
+    def open_study(self, ctx: Context):
+        """This run's study (created on first use); in a shared storage, checked to be ours
+        and carrying what workers need (``loop_world``)."""
+        import optuna
+
+        url = ctx.optuna_storage or f"sqlite:///{Path(ctx.workdir).resolve() / 'optuna.db'}"
+        heartbeat = ctx.world.get("heartbeat_s") if ctx.shared_storage else None
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(storage=hpo_study.open_storage(url, heartbeat),
+                                    study_name=study_name(ctx), direction="maximize",
+                                    load_if_exists=True, **study_options(ctx.seed))
+        study.sampler = study_options(ctx.seed + len(study.trials))["sampler"]
+        if ctx.shared_storage:
+            hpo_study.check_owner(study, ctx.world["owner"], url)
+            if "loop_world" not in study.user_attrs:  # the controller writes it at the start
+                study.set_user_attr("loop_world", {
+                    "tune_ids": {b: [str(e["id"]) for e in ex]
+                                 for b, ex in self.tune_sets(ctx).items()},
+                    **{k: v for k, v in ctx.world.items() if k != "owner"}})
+        return study
+
+    def _offer(self, ctx: Context, study, n_trials: int) -> None:
+        """Queue this cycle's slots: ``n_trials`` less those already there (a resumed cycle);
+        the study's first slot tries the usual LoRA settings."""
         from optuna.trial import TrialState
 
-        trial = study.ask()
-        started = clock.elapsed()
-        try:
-            params, mix = suggest(trial, ctx.train_lr)
-            plan = plan_training(ctx, seconds - self.tune_cost(ctx), params.pop("steps_frac"))
-            if plan is None:
-                study.tell(trial, state=TrialState.FAIL)
-                return trial.number
-            seed = ctx.seed * 1000 + trial.number
-            records, info = builder.build(plan.n_records, mix, seed)
-            config = TrainConfig(steps=plan.steps, batch_size=plan.batch_size, seed=seed, **params)
-            trial_left = seconds - (clock.elapsed() - started)
-            deadline_s = min(trial_left, clock.left(reserve)) - self.tune_cost(ctx)
-            if deadline_s <= 0:
-                study.tell(trial, state=TrialState.FAIL)
-                return trial.number
-            path, result = ctx.train(records, config, name=f"{study.study_name}-t{trial.number}",
-                                     deadline_s=deadline_s)
-            trial.set_user_attr("train", {"config": config.to_dict(),
-                                          "status": getattr(result, "status", None)})
-            trial.set_user_attr("data", info)
-            if path is None:
-                study.tell(trial, state=TrialState.FAIL)
-                return trial.number
-            trial.set_user_attr("adapter_path", str(path))
-            trial.set_user_attr("cycle", ctx.cycle)
-            value = self._score(ctx, trial, str(path))
-            if value is None:
-                study.tell(trial, state=TrialState.PRUNED)
-            else:
-                study.tell(trial, value)
-            return trial.number
-        except BaseException:
-            study.tell(trial, state=TrialState.FAIL)
-            raise
+        have = [t for t in hpo_study.cycle_trials(study, ctx.cycle) if t.state != TrialState.FAIL]
+        first = not study.trials
+        for i in range(n_trials - len(have)):
+            params = {**DEFAULT_PARAMS, "lr": ctx.train_lr} if first and i == 0 else {}
+            study.enqueue_trial(params, user_attrs={hpo_study.CYCLE_ATTR: ctx.cycle})
 
-    def _score(self, ctx: Context, trial, adapter_path: str) -> float | None:
-        """Mean tune accuracy over benchmarks, reported after each half; None when pruned."""
-        halves = {b: _halves(ex) for b, ex in self.tune_sets(ctx).items()}
-        totals: dict[str, list[float]] = {b: [0.0, 0.0] for b in halves}  # correct-weighted, n
-        for step in (0, 1):
-            for b, parts in halves.items():
-                if not parts[step]:
-                    continue
-                res = ctx.evaluate(b, ctx.champion.eval_configs[b], adapter_path=adapter_path,
-                                   examples=parts[step])
-                totals[b][0] += res.accuracy * res.n
-                totals[b][1] += res.n
-            value = sum(c / n for c, n in totals.values() if n) / len(totals)
-            trial.report(value, step)
-            if step == 0 and trial.should_prune():
-                return None
-        return value
+    def _wait_or_run(self, ctx: Context, study, clock: Clock, available: float,
+                     reserve: float, time_box: float) -> list[int]:
+        """Until every slot of this cycle is finished or the time is up: while a worker is
+        alive, wait for the workers; otherwise (or always with ``loop run --hpo-here``) run
+        the next slot here. Returns the numbers of the trials this process ran."""
+        from optuna.trial import TrialState
 
-    def _best(self, ctx: Context, study, ran: list[int], stale: list[int]) -> Candidate:
+        beat = float(ctx.world.get("heartbeat_s") or hpo_study.HEARTBEAT_S)
+        builder, ran = None, []
+        while True:
+            left = min(available - clock.elapsed(), clock.left(reserve))
+            if ctx.shared_storage:
+                hpo_study.fail_dead_trials(study)
+            mine = hpo_study.cycle_trials(study, ctx.cycle, (TrialState.WAITING,
+                                                             TrialState.RUNNING))
+            if not mine or left <= 0:
+                return ran
+            waiting = any(t.state == TrialState.WAITING for t in mine)
+            alone = ctx.world.get("hpo_here") or not (
+                ctx.shared_storage and hpo_study.live_workers(study, 3 * beat))
+            if waiting and alone and min(time_box, left) >= self.trial_floor(ctx):
+                trial = hpo_study.claim(study, ctx.cycle)
+                if trial is not None:
+                    builder = builder or SFTDataBuilder(ctx)
+                    keep = (hpo_study.beating(study, trial._trial_id, beat) if ctx.shared_storage
+                            else contextlib.nullcontext())
+                    with keep:
+                        ran.append(run_trial(ctx, study, trial, builder, min(time_box, left)))
+                continue
+            if not ctx.shared_storage or (alone and not any(
+                    t.state == TrialState.RUNNING for t in mine)):
+                return ran  # nobody else will run what is left
+            time.sleep(min(POLL_S, max(0.05, left)))
+
+    def _best(self, ctx: Context, study, ran: list[int], stale: list[int],
+              cancelled: list[int]) -> Candidate:
         from optuna.trial import TrialState
 
         proposed = {(e.get("candidate") or {}).get("details", {}).get("trial_number")
@@ -206,12 +230,12 @@ class OptunaHPO(Strategy):
         done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if t.number not in proposed and t.user_attrs.get("adapter_path")
                 and Path(t.user_attrs["adapter_path"]).exists()]
+        this_cycle = hpo_study.cycle_trials(study, ctx.cycle)
+        states = {t.number: t.state.name for t in this_cycle}
         if not done:
             raise ProposalFailed(f"optuna_hpo: no completed trial with an adapter to propose "
-                                 f"(this cycle ran trials {ran})")
+                                 f"(this cycle's trials: {states})")
         best = max(done, key=lambda t: (t.value, -t.number))
-        states = {t.number: t.state.name for t in study.get_trials(deepcopy=False)
-                  if t.number in ran}
         return ctx.champion.derive(
             self.name, f"Optuna trial {best.number} of study {study.study_name} "
             f"(tune accuracy {best.value:.3f})",
@@ -220,19 +244,16 @@ class OptunaHPO(Strategy):
             details={"study": study.study_name, "trial_number": best.number,
                      "tune_value": best.value, "params": best.params,
                      "data": best.user_attrs.get("data"), "trials_this_cycle": states,
+                     "run_here": ran, "cancelled": cancelled,
+                     "workers": {t.number: (t.user_attrs.get("worker") or {}).get("name")
+                                 for t in this_cycle if t.user_attrs.get("worker")},
+                     "storage": hpo_study.masked(ctx.optuna_storage or "") if
+                     ctx.shared_storage else "experiments.db",
                      "stale_trials_failed": stale, "n_trials_total": len(study.trials),
                      "tune_n": {b: len(ex) for b, ex in self.tune_sets(ctx).items()}})
 
 
-def _halves(examples: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Two halves that keep MMBench-ru rotation groups together."""
-    units = sorted({_unit(ex) for ex in examples})
-    first = set(units[: (len(units) + 1) // 2])
-    return ([ex for ex in examples if _unit(ex) in first],
-            [ex for ex in examples if _unit(ex) not in first])
-
-
-def _unit(ex: dict) -> str:
-    if ex.get("benchmark") == "mmbench_ru":
-        return f"grp:{int(ex['index']) % 1_000_000:09d}"
-    return str(ex.get("id"))
+def worker_seed(seed: int, name: str, n_trials: int) -> int:
+    """A sampler seed of its own for each process: two workers seeded alike would sample the
+    same parameters from the same history."""
+    return seed + n_trials + zlib.crc32(name.encode()) % 100_000

@@ -18,8 +18,10 @@ GQA-ru images are written once as PNG files under the builder's image folder.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import re
+import threading
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -130,7 +132,10 @@ class SFTDataBuilder:
                 stats["image_missing"] += 1
                 return None
             self.image_dir.mkdir(parents=True, exist_ok=True)
-            img.save(path)
+            # Written aside and renamed: HPO workers may build the same image at once.
+            part = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.part")
+            img.save(part, format="PNG")
+            os.replace(part, path)
             self._digests[str(path)] = image_digest(img)
         return str(path)
 

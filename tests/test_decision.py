@@ -180,7 +180,7 @@ class _VLM:
 
 @pytest.mark.parametrize("setting", ["decoding", "likelihood"])
 def test_a_settings_champion_leaves_final_equal_to_the_baseline(setting, tmp_path, monkeypatch):
-    monkeypatch.setattr("loop.workbench.evaluate", _fake_evaluate)
+    monkeypatch.setattr("loop.modelbench.evaluate", _fake_evaluate)
     store = Store(":memory:")
     config = RunConfig(budget_s=100.0, preset="demo", objective="benchmark")
     loop = Loop(config, store, echo=lambda msg: None)

@@ -6,5 +6,5 @@ Each module exposes ``add_parser(subparsers)`` (builds its argparse sub-parser a
 """
 
 # The order here is the order in ``python -m loop --help``.
-COMMANDS = ["run", "plan", "eval", "rescore", "train", "diagnose", "log", "show", "compare", "pin",
-            "report", "export"]
+COMMANDS = ["run", "worker", "plan", "eval", "rescore", "train", "diagnose", "log", "show", "compare",
+            "pin", "report", "export"]

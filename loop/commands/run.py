@@ -42,6 +42,19 @@ def add_parser(sub) -> None:
     p.add_argument("--workdir", metavar="DIR",
                    help="where adapters, SFT data and reports go, in DIR/run-<id> (default: "
                    "beside the database, <db stem>.runs/run-<id>, so databases never share files)")
+    p.add_argument("--storage", metavar="URL",
+                   help="keep the HPO study in a storage that `loop worker` processes share: "
+                   "postgresql://USER@HOST/DB, mysql+pymysql://..., or a journal file "
+                   "(journal:///path/study.log or a path ending in .log); default: the study "
+                   "lives in the database and the loop runs every trial itself")
+    p.add_argument("--study", metavar="NAME",
+                   help="the HPO study's name in --storage (default: loop-hpo-run<id>)")
+    p.add_argument("--hpo-here", action="store_true",
+                   help="with --storage, the loop also runs HPO trials on its own GPU while "
+                   "workers run theirs (default: only when no worker is alive)")
+    p.add_argument("--heartbeat", type=int, default=20, metavar="SECONDS",
+                   help="seconds between a shared trial's heartbeats; a trial whose process "
+                   "is silent for three of them is failed and queued again (default 20)")
     add_output_path_arg(p, "the final evaluations (base, champion) under DIR/<role>/")
     add_report_arg(p)
     add_source_args(p)
@@ -60,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from loop.config_file import resolved_options
     from loop.controller import Loop, RunConfig
     from loop.store import Store
+    from strategies.hpo_study import masked, normalized
 
     if args.budget is None and not args.resume:
         raise UserError("`--budget` is required, e.g. `--budget 6h` (or `--resume` a run)")
@@ -76,14 +90,17 @@ def run(args: argparse.Namespace) -> int:
                        workdir=args.workdir, strategies=names,
                        objective=args.objective, report_to=args.report_to,
                        options={**resolved_options(args), "strategies": ",".join(names)},
+                       study=args.study, heartbeat_s=args.heartbeat, hpo_here=args.hpo_here,
+                       storage=masked(normalized(args.storage)) if args.storage else None,
                        progress=not args.quiet)
     if args.output_path:  # a folder that cannot be made fails now, not after the run
         from pathlib import Path
 
         Path(args.output_path).mkdir(parents=True, exist_ok=True)
     store = Store(args.db)
+    url = normalized(args.storage) if args.storage else None
     try:
-        loop = Loop(config, store, resume=args.resume)
+        loop = Loop(config, store, resume=args.resume, storage_url=url)
         run_id = loop.run()
         if args.output_path:
             from loop.outputs import write_run
