@@ -101,7 +101,7 @@ def test_the_run_command_builds_the_same_run_config_from_a_file(tmp_path, monkey
         pass
 
     class FakeLoop:
-        def __init__(self, config, store, *, resume=False):
+        def __init__(self, config, store, *, resume=False, storage_url=None):
             seen.append(asdict(config))
             raise Captured("captured")
 
