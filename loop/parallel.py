@@ -112,7 +112,7 @@ class _Server:
             self.by_id[b] = {e["id"]: e for e in load_benchmark(b, sources.data)}
 
     def _activate(self, path: str | None) -> None:
-        from loop.workbench import adapter_name
+        from loop.modelbench import adapter_name
 
         if path is None:
             self.vlm.set_adapter(None)
