@@ -176,7 +176,10 @@ def train_adapter(ctx: Context, records: list[dict], config, *, name: str, deadl
     adapter_path, result = ctx.train(records, config, name=name, deadline_s=deadline_s)
     status = getattr(result, "status", "unknown")
     if adapter_path is None:
-        raise ProposalFailed(f"training the {what} adapter failed ({status}): "
-                             f"{getattr(result, 'error', None)}")
+        why = getattr(result, "error", None)
+        if why is None and status == "deadline":
+            why = ("its time box ended before the first optimizer step could finish; nothing "
+                   "was trained")
+        raise ProposalFailed(f"training the {what} adapter failed ({status}): {why}")
     result_dict = result.to_dict() if hasattr(result, "to_dict") else dict(result or {})
     return str(adapter_path), result_dict, status

@@ -719,3 +719,17 @@ def test_answer_format_sft_drops_multiple_choice_once_it_hurt_mmbench():
     # a new champion starts afresh
     ctx.history = [cycle(1, "rejected", 30, -0.4, 1e-6), cycle(2, "accepted", 0, 0.0, 1.0)]
     assert choice_hurt_mmbench(ctx) is None
+
+
+def test_a_training_cut_before_its_first_step_says_so():
+    from types import SimpleNamespace
+
+    from strategies.base import ProposalFailed
+    from strategies.common import train_adapter
+
+    ctx = SimpleNamespace(train=lambda records, config, name, deadline_s: (
+        None, SimpleNamespace(status="deadline", error=None)))
+    with pytest.raises(ProposalFailed) as info:
+        train_adapter(ctx, [], None, name="c1", deadline_s=1.0, what="answer-format")
+    assert "time box ended before the first optimizer step" in str(info.value)
+    assert "None" not in str(info.value)
