@@ -507,12 +507,13 @@ class Store:
 
     def best_adapter(self) -> dict[str, Any] | None:
         """The champion: the adapter of the latest accepted cycle (with an adapter) of the
-        latest finished run, or None."""
+        latest finished run that has one, or None (a later run that accepted nothing does
+        not hide an earlier champion)."""
         row = self.db.execute(
-            "select adapter_id from loop_cycles where status = 'accepted' "
-            "and adapter_id is not null and run_id = "
-            "(select max(id) from loop_runs where status = 'finished') "
-            "order by cycle_index desc limit 1").fetchone()
+            "select c.adapter_id from loop_cycles c join loop_runs r on r.id = c.run_id "
+            "where c.status = 'accepted' and c.adapter_id is not null "
+            "and r.status = 'finished' "
+            "order by c.run_id desc, c.cycle_index desc limit 1").fetchone()
         return self.adapter(row[0]) if row else None
 
     def pin(self, adapter_id: int, note: str = "") -> dict[str, Any]:

@@ -284,3 +284,25 @@ def test_predictions_keep_their_cluster_and_runs_their_final_verdict(store: Stor
     store.update_run(run_id, final_p={"gqa_ru": 0.01}, final_deployed={"gqa_ru": 0.7})
     run = store.get_run(run_id)
     assert run["final_p"] == {"gqa_ru": 0.01} and run["final_deployed"] == {"gqa_ru": 0.7}
+
+
+def test_a_later_run_without_a_champion_does_not_hide_an_earlier_one(store: Store):
+    # Users run again in the same folder: a baseline-only run (--max-cycles 0, or nothing
+    # accepted) must not make `pin --best` claim that no run has a champion.
+    first = new_run(store)
+    a1 = store.add_adapter(run_id=first, path="runs/1/a1", parent_id=None, strategy="sft",
+                           config={}, metrics={})
+    add_cycle(store, first, 1, "accepted", a1)
+    store.update_run(first, status="finished")
+    second = new_run(store)
+    a2 = store.add_adapter(run_id=second, path="runs/2/a2", parent_id=None, strategy="sft",
+                           config={}, metrics={})
+    add_cycle(store, second, 1, "rejected", a2)
+    store.update_run(second, status="finished")
+    assert store.best_adapter()["id"] == a1
+    third = new_run(store)
+    a3 = store.add_adapter(run_id=third, path="runs/3/a3", parent_id=None, strategy="sft",
+                           config={}, metrics={})
+    add_cycle(store, third, 1, "accepted", a3)
+    store.update_run(third, status="finished")
+    assert store.best_adapter()["id"] == a3  # the latest champion wins

@@ -20,7 +20,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="the adapter id to pin (see `python -m loop log` and `show`)")
     action.add_argument("--best", action="store_true",
                         help="pin the champion: the adapter of the latest accepted cycle of the "
-                        "latest finished run")
+                        "latest finished run that accepted one")
     action.add_argument("--unpin", action="store_true", help="remove the current pin")
     parser.add_argument("--note", default="", metavar="TEXT", help="why, kept in the history")
     parser.add_argument("--history", action="store_true",
