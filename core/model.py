@@ -126,16 +126,8 @@ class VLM:
                 self.prefill_positions += shared[1]
                 return shared[0]
 
-        pairs, owners = [], []
-        for i, (text, opts) in enumerate(zip(texts, options)):
-            prompt = self.chat_prompt(text)
-            for opt in opts:
-                pairs.append((prompt, opt + EOT_TOKEN, images[i]))
-                owners.append(i)
-        tok = self.tokenizer
-        full = [p + c for p, c, _ in pairs]
-        inputs = self._inputs(full, [img for _, _, img in pairs])
-        cont_lens = [len(tok(c, add_special_tokens=False)["input_ids"]) for _, c, _ in pairs]
+        full, pair_images, owners, cont_lens = option_pairs(self, texts, images, options)
+        inputs = self._inputs(full, pair_images)
         self.prefill_positions += inputs["input_ids"].numel()
         # The LM head runs only at the option tokens, one row at a time: with a 128k vocabulary,
         # [rows, seq, vocab] logits would not fit (rows are left-padded, so options end last).
@@ -146,10 +138,8 @@ class VLM:
         with torch.inference_mode():
             hidden = base.model(**inputs).last_hidden_state
             for row, (owner, n) in enumerate(zip(owners, cont_lens)):
-                logits = base.lm_head(hidden[row, width - 1 - n:width - 1]).float()
-                logp = torch.log_softmax(logits, dim=-1)
-                target = ids[row, width - n:]
-                scores[owner].append(float(logp.gather(-1, target[:, None]).mean()))
+                scores[owner].append(mean_logprob(base.lm_head, hidden[row, width - 1 - n:width - 1],
+                                                  ids[row, width - n:]))
         return scores
 
     def _base(self):
@@ -208,6 +198,32 @@ class VLM:
         self.model.delete_adapter(name)
         del self.adapters[name]
         self.set_adapter(self.active_adapter)
+
+
+def option_pairs(vlm: VLM, texts: list[str], images: list, options: list[list[str]]):
+    """The (prompt, option) pairs of a batch: ``(texts, images, owners, option_lengths)``.
+
+    Each text is the chat prompt followed by the option and ``<|eot_id|>``; ``owners[k]`` is
+    the question a pair belongs to and ``option_lengths[k]`` its option's token count.
+    """
+    full, pair_images, owners, conts = [], [], [], []
+    for i, (text, opts) in enumerate(zip(texts, options)):
+        prompt = vlm.chat_prompt(text)
+        for opt in opts:
+            full.append(prompt + opt + EOT_TOKEN)
+            conts.append(opt + EOT_TOKEN)
+            pair_images.append(images[i])
+            owners.append(i)
+    lengths = [len(ids) for ids in vlm.tokenizer(conts, add_special_tokens=False)["input_ids"]]
+    return full, pair_images, owners, lengths
+
+
+def mean_logprob(lm_head, hidden, target) -> float:
+    """Mean log-probability of the ``target`` tokens under the hidden states predicting them."""
+    import torch
+
+    logp = torch.log_softmax(lm_head(hidden).float(), dim=-1)
+    return float(logp.gather(-1, target[:, None]).mean())
 
 
 def _cut(text: str, stops: list[str]) -> str:

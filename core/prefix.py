@@ -90,6 +90,21 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def prefix_cache(vlm, rows: list[list[int]], owners: list[int], first_row: list[int], pixels,
+                 p: int):
+    """The key/value cache of each distinct image's first ``p`` tokens, run once with its
+    pixels, then copied to every row of that image (call under ``torch.inference_mode``)."""
+    import torch
+
+    device = vlm.device
+    prefix_ids = torch.tensor([rows[i][:p] for i in first_row], device=device)
+    out = vlm._base().model(input_ids=prefix_ids, attention_mask=torch.ones_like(prefix_ids),
+                            pixel_values=pixels.to(device), use_cache=True)
+    cache = out[_cache_kwarg(vlm.model)]
+    cache.batch_select_indices(torch.tensor(owners, device=device))
+    return cache
+
+
 def generate_shared(vlm, texts: list[str], images: list, *, max_new_tokens: int,
                     repetition_penalty: float = 1.0) -> tuple[list[str], int] | None:
     """Greedy answers for a batch, each image's prefix computed once.
@@ -108,9 +123,6 @@ def generate_shared(vlm, texts: list[str], images: list, *, max_new_tokens: int,
     if p is None:
         return None
     device = vlm.device
-    name = _cache_kwarg(vlm.model)
-    prefix_ids = torch.tensor([rows[i][:p] for i in first_row], device=device)
-    pixels = pixels.to(device)
     width = max(len(r) for r in rows) - p
     pad = tok.pad_token_id
     ids = torch.tensor([r[:p] + [pad] * (width - (len(r) - p)) + r[p:] for r in rows],
@@ -118,17 +130,14 @@ def generate_shared(vlm, texts: list[str], images: list, *, max_new_tokens: int,
     mask = torch.tensor([[1] * p + [0] * (width - (len(r) - p)) + [1] * (len(r) - p) for r in rows],
                         device=device)
     with torch.inference_mode():
-        out = vlm.model(input_ids=prefix_ids, attention_mask=torch.ones_like(prefix_ids),
-                        pixel_values=pixels, use_cache=True, logits_to_keep=1)
-        cache = out[name]
-        cache.batch_select_indices(torch.tensor(owners, device=device))
+        cache = prefix_cache(vlm, rows, owners, first_row, pixels, p)
         gen = vlm.model.generate(
-            input_ids=ids, attention_mask=mask, **{name: cache}, max_new_tokens=max_new_tokens,
+            input_ids=ids, attention_mask=mask, **{_cache_kwarg(vlm.model): cache},
+            max_new_tokens=max_new_tokens,
             do_sample=False, num_beams=1, repetition_penalty=repetition_penalty,
             eos_token_id=vlm.stop_ids, pad_token_id=pad)
     answers = tok.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
     return answers, len(first_row) * p + len(rows) * width
-
 
 
 def option_logprobs_shared(vlm, texts: list[str], images: list,
@@ -147,18 +156,10 @@ def option_logprobs_shared(vlm, texts: list[str], images: list,
     """
     import torch
 
-    from core.model import EOT_TOKEN
+    from core.model import mean_logprob, option_pairs
 
     tok = vlm.tokenizer
-    full, pair_images, owners_of_pair, conts = [], [], [], []
-    for i, (text, opts) in enumerate(zip(texts, options)):
-        prompt = vlm.chat_prompt(text)
-        for opt in opts:
-            full.append(prompt + opt + EOT_TOKEN)
-            conts.append(opt + EOT_TOKEN)
-            pair_images.append(images[i])
-            owners_of_pair.append(i)
-    cont_lens = [len(ids) for ids in tok(conts, add_special_tokens=False)["input_ids"]]
+    full, pair_images, owners_of_pair, cont_lens = option_pairs(vlm, texts, images, options)
     rows, owners, first_row, pixels = encode_rows(vlm, full, pair_images)
     p = split_point(rows, owners, tok.convert_tokens_to_ids(IMAGE_PLACEHOLDER))
     if p is None:
@@ -168,25 +169,18 @@ def option_logprobs_shared(vlm, texts: list[str], images: list,
         return None
     device = vlm.device
     base = vlm._base()
-    name = _cache_kwarg(vlm.model)
     width = max(len(r) for r in rows) - p
     pad = tok.pad_token_id
     suffix = torch.tensor([r[p:] + [pad] * (width - len(r) + p) for r in rows], device=device)
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r) + p) for r in rows], device=device)
     positions = torch.arange(p, p + width, device=device).expand(len(rows), -1)
-    prefix_ids = torch.tensor([rows[i][:p] for i in first_row], device=device)
     scores: list[list[float]] = [[] for _ in texts]
     with torch.inference_mode():
-        out = base.model(input_ids=prefix_ids, attention_mask=torch.ones_like(prefix_ids),
-                         pixel_values=pixels.to(device), use_cache=True)
-        cache = out[name]
-        cache.batch_select_indices(torch.tensor(owners, device=device))
+        cache = prefix_cache(vlm, rows, owners, first_row, pixels, p)
         hidden = base.model(input_ids=suffix, attention_mask=mask, position_ids=positions,
-                            use_cache=True, **{name: cache}).last_hidden_state
+                            use_cache=True, **{_cache_kwarg(vlm.model): cache}).last_hidden_state
         for row, (owner, n) in enumerate(zip(owners_of_pair, cont_lens)):
             end = len(rows[row]) - p  # suffix length of this row; the option is its last n tokens
-            logits = base.lm_head(hidden[row, end - 1 - n:end - 1]).float()
-            logp = torch.log_softmax(logits, dim=-1)
-            target = suffix[row, end - n:end]
-            scores[owner].append(float(logp.gather(-1, target[:, None]).mean()))
+            scores[owner].append(mean_logprob(base.lm_head, hidden[row, end - 1 - n:end - 1],
+                                              suffix[row, end - n:end]))
     return scores, len(first_row) * p + len(rows) * width
