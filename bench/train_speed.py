@@ -78,7 +78,6 @@ def measure_packing(preset: str, n_questions: int, batch_size: int, gpu: str) ->
     from core.data import load_gqa
     from core.device import resolve_profile
     from core.model import load_vlm
-    from core.packing import image_tokens_per_question, pack_by_image
     from core.sft import gqa_records
     from core.train import TrainConfig, train_lora
     from loop.sources import resolve_sources
@@ -108,13 +107,13 @@ def measure_packing(preset: str, n_questions: int, batch_size: int, gpu: str) ->
             result = train_lora(vlm, records, config, Path(tmp) / name.replace(" ", "-"),
                                 profile=profile)
             wall = time.perf_counter() - t0
-            trained = pack_by_image(records) if pack else records
             out["runs"][name] = {
                 "records": result.n_examples, "steps": result.steps, "status": result.status,
                 "seconds": round(wall, 2), "questions_per_s": round(len(records) / wall, 2),
                 "tokens_per_question": round(result.tokens / len(records), 1),
+                # one image per trained record, packed or not: what the trainer really saw
                 "image_tokens_per_question": round(
-                    image_tokens_per_question(trained, vlm.n_image_tokens), 1),
+                    result.n_examples * vlm.n_image_tokens / len(records), 1),
                 "loss_first_last": [result.loss_curve[0], result.loss_curve[-1]]
                 if result.loss_curve else None}
     plain, packed = out["runs"]["one record per question"], out["runs"]["packed by image"]
