@@ -20,7 +20,7 @@ from pathlib import Path
 from jsonschema import Draft202012Validator
 
 from core.exceptions import DataError
-from core.metrics import extract_choice, gqa_match
+from core.metrics import choice_style, extract_choice, gqa_match
 
 LABELS = ("format_mismatch", "counting", "color", "location", "missing_image", "other")
 CONTENT_LABELS = ("counting", "color", "location")
@@ -345,6 +345,17 @@ class ErrorProfile:
     """Label to its error count per category."""
     remedies: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
     """Label to strategy names, from the rules."""
+    answer_styles: dict[str, dict[str, int]] = field(default_factory=dict)
+    """MMBench-ru only: how the raw answers named their option ("letter", "text" or "none",
+    ``core.metrics.choice_style``) to {"n", "correct"}; empty when the raw answers are unknown."""
+
+    def choice_style(self) -> str | None:
+        """The way of naming an option that earned the most right answers ("letter" or
+        "text"), or None without any; a tie goes to the letter the prompt asks for."""
+        right = {s: self.answer_styles.get(s, {}).get("correct", 0) for s in ("letter", "text")}
+        if not any(right.values()):
+            return None
+        return "text" if right["text"] > right["letter"] else "letter"
 
     @property
     def main_cause(self) -> str | None:
@@ -399,6 +410,7 @@ class ErrorProfile:
             "per_category": {k: dict(v) for k, v in self.per_category.items()},
             "examples": {k: [dict(e) for e in v] for k, v in self.examples.items()},
             "label_categories": {k: dict(v) for k, v in self.label_categories.items()},
+            "answer_styles": {k: dict(v) for k, v in self.answer_styles.items()},
             "main_cause": self.main_cause,
             "recommended_strategies": self.recommended_strategies(),
         }
@@ -416,13 +428,15 @@ class BenchmarkOptimizer:
         Args:
             benchmark: "gqa_ru" or "mmbench_ru".
             samples: Dicts with `example` (the record), `prediction` and `image_ok`, or with
-                precomputed `labels` that are used as they are.
+                precomputed `labels` that are used as they are; an MMBench-ru sample's raw
+                `output`, when given, is counted in `answer_styles`.
         """
         _check_benchmark(benchmark)
         counts = dict.fromkeys(LABELS, 0)
         per_category: dict[str, dict[str, int]] = {}
         label_categories: dict[str, dict[str, int]] = {}
         examples: dict[str, list[dict]] = {}
+        styles: dict[str, dict[str, int]] = {}
         n = n_errors = 0
         for sample in samples:
             example = sample.get("example") or {}
@@ -442,6 +456,12 @@ class BenchmarkOptimizer:
                     image_ok=sample.get("image_ok", True),
                     rules=self.rules,
                 )
+            raw = sample.get("output")
+            if benchmark == "mmbench_ru" and raw is not None:
+                style = styles.setdefault(choice_style(str(raw), mmbench_options(example)),
+                                          {"n": 0, "correct": 0})
+                style["n"] += 1
+                style["correct"] += not labels
             category = _category(benchmark, example)
             stats = per_category.setdefault(category, {"n": 0, "errors": 0})
             n += 1
@@ -475,4 +495,5 @@ class BenchmarkOptimizer:
             examples=examples,
             label_categories=label_categories,
             remedies=dict(self.rules.remedies),
+            answer_styles=styles,
         )

@@ -180,12 +180,23 @@ def extract_choice(output: str, options: Mapping[str, str]) -> str | None:
     Returns:
         The chosen letter, or None when there is none or the answer is ambiguous.
     """
+    return _choose(output, options)[0]
+
+
+def choice_style(output: str, options: Mapping[str, str]) -> str:
+    """How a free-form answer names its option: ``"letter"`` (a letter decides, as in
+    ``extract_choice``), ``"text"`` (no letter; the unique option text decides) or ``"none"``."""
+    return _choose(output, options)[1]
+
+
+def _choose(output: str, options: Mapping[str, str]) -> tuple[str | None, str]:
     strong, weak, bare = _letters(output, set(options))
     for letters in (strong, weak, bare):
         if letters:
             chosen = letters | bare
-            return next(iter(letters)) if len(chosen) == 1 else None
-    return _option_by_text(output, options)
+            return (next(iter(letters)), "letter") if len(chosen) == 1 else (None, "none")
+    letter = _option_by_text(output, options)
+    return letter, "text" if letter else "none"
 
 
 def _group_key(row: Mapping) -> int:

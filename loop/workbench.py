@@ -181,6 +181,7 @@ class Workbench(ModelBench):
     def error_profile(self, scored: Scored):
         samples = [{"example": self.by_id[scored.benchmark][s["sample_id"]],
                     "prediction": s.get("parsed") or s.get("output") or "",
+                    "output": s.get("output"),
                     "image_ok": s["image_ok"], "labels": list(s.get("labels") or [])}
                    for s in scored.samples]
         return self.optimizer.profile(scored.benchmark, samples)

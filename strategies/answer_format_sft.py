@@ -2,8 +2,9 @@
 
 The data (``strategies.sft_data``) is aimed at the champion's error profile: one-word answers
 to GQA-ru train questions weighted toward the weak question types, multiple choice built from
-GQA-ru train in the MMBench-ru prompt with the bare letter as the answer (more of it the larger
-MMBench-ru's share of format mismatches), and LLaVA-Instruct-ru to keep general ability. The
+GQA-ru train in the MMBench-ru prompt (more of it the larger MMBench-ru's share of format
+mismatches), answered the way the champion's right MMBench-ru answers name their option (the
+bare letter, or the option's text), and LLaVA-Instruct-ru to keep general ability. The
 run is sized to the time left after the candidate's dev evaluation; it trains through
 ``ctx.train`` and proposes the new adapter with the champion's prompts and decoding. When the
 champion has an adapter, the new one continues training it (``TrainConfig.init_from``), so a

@@ -75,7 +75,8 @@ def fail_stale_trials(study) -> list[int]:
 
 def cycle_spec(ctx: Context, time_box_s: float, expires_at: float, n_trials: int) -> dict:
     """What a worker needs of this cycle to run its trials as the loop would."""
-    keep = ("benchmark", "n", "n_errors", "counts", "shares", "per_category", "label_categories")
+    keep = ("benchmark", "n", "n_errors", "counts", "shares", "per_category", "label_categories",
+            "answer_styles")
     return {"cycle": ctx.cycle, "seed": ctx.seed, "train_lr": ctx.train_lr,
             "workdir": str(Path(ctx.workdir).resolve()),
             "eval_configs": {b: c.to_dict() for b, c in ctx.champion.eval_configs.items()},

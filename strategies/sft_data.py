@@ -7,7 +7,11 @@ Three kinds of SFT records (``core/schemas/sft_record.schema.json``), mixed in g
   weak (colour, location, counting: the labels' shares of the errors and their categories);
 - ``choice``: multiple choice built from GQA-ru train questions: the gold answer and 1-3
   distractors of the same answer type (``types.detailed``), letters shuffled, phrased exactly
-  like the MMBench-ru prompt (``core.evaluate.build_prompt``), the answer the bare letter;
+  like the MMBench-ru prompt (``core.evaluate.build_prompt``). The answer names the option the
+  way the champion's right MMBench-ru answers do (``ErrorProfile.choice_style``): the bare
+  letter, as the prompt asks, unless the champion gets its answers right by saying the
+  option's text (which lmms-eval's rule-based extraction reads as that option); then the
+  option's text. Data aimed at content then teaches content, not a new answer format;
 - ``instruct``: LLaVA-Instruct-ru conversations (COCO images), to keep general ability.
 
 Nothing comes from an evaluation split: candidates whose image or question is protected are
@@ -78,6 +82,14 @@ def profile_weights(ctx: Context) -> tuple[dict[str, float], set[str]]:
     bonus = {label: 4.0 * profile.shares.get(label, 0.0) for label in CONTENT_LABELS}
     weak = {c for label in CONTENT_LABELS for c in profile.weak_categories(label)}
     return bonus, weak
+
+
+def choice_answer_style(ctx: Context) -> str:
+    """"text" when the champion's right MMBench-ru answers mostly name the option's text,
+    else "letter" (also without a profile)."""
+    profile = ctx.profiles.get("mmbench_ru")
+    style = profile.choice_style() if profile is not None else None
+    return style or "letter"
 
 
 def _category(ex: dict) -> str:
@@ -183,8 +195,9 @@ class SFTDataBuilder:
         return out
 
     def choices(self, n: int, rng: random.Random, config: EvalConfig,
-                stats: Counter) -> list[dict]:
-        """``n`` multiple-choice questions with same-type distractors and a bare-letter answer."""
+                stats: Counter, style: str = "letter") -> list[dict]:
+        """``n`` multiple-choice questions with same-type distractors, answered by the bare
+        letter (``style="letter"``) or by the option's text (``style="text"``)."""
         order = list(range(len(self.pool)))
         rng.shuffle(order)
         out = []
@@ -208,7 +221,8 @@ class SFTDataBuilder:
                 continue
             prompt = build_prompt({"benchmark": "mmbench_ru", "question": ex["question"],
                                    "hint": None, "options": options}, config)
-            record = self._record(ex, "choice", prompt, letter, path, options=options)
+            record = self._record(ex, "choice", prompt, letter if style == "letter" else answer,
+                                  path, options=options, answer_style=style)
             if self._keep(record, stats):
                 out.append(record)
                 stats[f"choice_{k}_options"] += 1
@@ -255,7 +269,8 @@ class SFTDataBuilder:
             mmb_config = EvalConfig()  # likelihood prompts have no letters; teach lmms-eval's
         want = mix.counts(n)
         stats: Counter = Counter()
-        parts = {"choice": self.choices(want["choice"], rng, mmb_config, stats),
+        style = choice_answer_style(self.ctx)
+        parts = {"choice": self.choices(want["choice"], rng, mmb_config, stats, style),
                  "instruct": self.instruct(want["instruct"], rng, stats)}
         short_n = n - len(parts["choice"]) - len(parts["instruct"])  # the short kind refills
         parts["short"] = self.short_answers(short_n, rng, gqa_config, stats)
@@ -268,6 +283,7 @@ class SFTDataBuilder:
         check_records(records, self.protected, allowed_questions=self.templates)
         info = {"n_records": len(records), "wanted": want, "mix": mix.to_dict(),
                 "counts": {k: len(v) for k, v in parts.items()}, "stats": dict(sorted(stats.items())),
+                "choice_answer": style,
                 "template_questions": len(self.templates), "seed": seed}
         log.info("SFT data: %s", info["counts"])
         return records, info

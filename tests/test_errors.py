@@ -368,6 +368,29 @@ def test_profile_mmbench_categories_and_weak_types():
     assert "object_localization" in profile.recommendations()[0]
 
 
+def test_profile_counts_how_mmbench_answers_named_their_option():
+    # Right by the option's text twice, right by a letter once, wrong by a letter twice.
+    samples = [
+        {"example": SPATIAL, "prediction": "A", "output": "слева"},
+        {"example": SPATIAL, "prediction": "A", "output": "Фигура слева."},
+        {"example": PET, "prediction": "B", "output": "B"},
+        {"example": PET, "prediction": "A", "output": "A"},
+        {"example": LOCALIZE, "prediction": "A", "output": "A"},
+        {"example": LOCALIZE, "prediction": "", "output": "не знаю"},
+    ]
+    profile = BenchmarkOptimizer().profile("mmbench_ru", samples)
+    assert profile.answer_styles == {"text": {"n": 2, "correct": 2},
+                                     "letter": {"n": 3, "correct": 1},
+                                     "none": {"n": 1, "correct": 0}}
+    assert profile.choice_style() == "text"
+    assert profile.to_dict()["answer_styles"] == profile.answer_styles
+    letters = BenchmarkOptimizer().profile("mmbench_ru", samples[2:])
+    assert letters.choice_style() == "letter"
+    # Without raw answers (a profile rebuilt from labels alone) nothing is claimed.
+    bare = BenchmarkOptimizer().profile("mmbench_ru", [{"example": PET, "prediction": "B"}])
+    assert bare.answer_styles == {} and bare.choice_style() is None
+
+
 def test_profile_rejects_unknown_benchmark():
     with pytest.raises(ValueError, match="gqa_ru"):
         BenchmarkOptimizer().profile("gqa", [])

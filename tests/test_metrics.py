@@ -10,6 +10,7 @@ from core.metrics import (
     PairedResult,
     accuracy,
     bootstrap_interval,
+    choice_style,
     circular_accuracy,
     extract_choice,
     gqa_match,
@@ -183,6 +184,16 @@ EXTRACT_CASES = [
 @pytest.mark.parametrize(("output", "options", "expected"), EXTRACT_CASES)
 def test_extract_choice(output, options, expected):
     assert extract_choice(output, options) == expected
+
+
+@pytest.mark.parametrize(("output", "style"), [
+    ("B", "letter"), ("Ответ: C", "letter"), ("(A) красный", "letter"),
+    ("синий", "text"), ("Это жёлтый цвет.", "text"),
+    ("A или B", "none"), ("красный или синий", "none"), ("Не знаю", "none"), ("", "none"),
+])
+def test_choice_style_says_how_the_answer_named_its_option(output, style):
+    assert choice_style(output, COLOURS) == style
+    assert (extract_choice(output, COLOURS) is None) == (style == "none")
 
 
 def test_extract_choice_never_reads_a_lowercase_preposition_as_b():

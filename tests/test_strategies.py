@@ -25,6 +25,7 @@ from core.data import DataSources
 from core.demo import scenes as sc
 from core.errors import BenchmarkOptimizer
 from core.evaluate import EvalConfig, build_prompt
+from core.metrics import extract_choice
 from core.exceptions import DataError
 from core.sft import validate_records
 from core.train import TrainResult
@@ -446,6 +447,34 @@ def test_answer_format_sft_choice_records_look_like_mmbench(tmp_path, fake_data,
         assert "да" not in options.values()
         letters.add(answer)
     assert len(letters) >= 3  # letters are shuffled
+
+
+def test_choice_records_answer_the_way_the_champion_gets_mmbench_right(tmp_path, fake_data, world):
+    """A champion right by the option's text (which lmms-eval's rules read as that option) is
+    taught content in that form; a champion right by letters, or unknown, gets letters."""
+    def mmb_profile(outputs):
+        example = {"index": 3, "question": "Какой цвет?", "answer": "B", "A": "красный",
+                   "B": "синий", "category": "attribute_recognition"}
+        return BenchmarkOptimizer().profile("mmbench_ru", [
+            {"example": example, "prediction": out, "output": out} for out in outputs])
+
+    def build(profs):
+        ctx, _ = make_ctx(tmp_path, fake_data, world.protected, profs=profs)
+        return SFTDataBuilder(ctx).build(20, Mix(0.0, 1.0, 0.0), seed=2)
+
+    gold = {str(ex["id"]): ex["answer"] for ex in world.train}
+    text_champion = {"mmbench_ru": mmb_profile(["синий", "синий", "A", "красный"])}
+    records, info = build(text_champion)
+    assert info["choice_answer"] == "text" and records
+    for r in records:
+        answer, options = r["conversations"][1]["value"], r["meta"]["options"]
+        assert answer == gold[r["meta"]["question_id"]] and answer in options.values()
+        assert r["meta"]["answer_style"] == "text"
+        assert extract_choice(answer, options) == next(k for k, v in options.items() if v == answer)
+    for profs in ({"mmbench_ru": mmb_profile(["B", "B", "синий"])}, {}):
+        records, info = build(profs)
+        assert info["choice_answer"] == "letter"
+        assert all(r["conversations"][1]["value"] in r["meta"]["options"] for r in records)
 
 
 def test_answer_format_sft_weights_short_answers_toward_weak_types(tmp_path, fake_data, world):
