@@ -51,18 +51,23 @@ def profile_mix(ctx: Context) -> Mix:
 
 def choice_hurt_mmbench(ctx: Context) -> int | None:
     """The cycle, since the champion was chosen, whose adapter was trained with multiple-choice
-    records and made MMBench-ru significantly worse (p < 0.05), or None.
+    records and made MMBench-ru significantly worse (p < 0.05) while GQA-ru was not, or None.
 
     Letters without the skill to match them to options teach a model to say one letter; then
     the short answers alone go on (their skills transfer to MMBench-ru through option texts).
+    A candidate significantly worse on GQA-ru as well (a poor HPO trial, say) was worse as a
+    whole: that is no evidence against the multiple choice in its data.
     """
     since = ctx.history[max((i for i, h in enumerate(ctx.history) if h["status"] == "accepted"),
                             default=-1) + 1:]
     for h in since:
         details = (h.get("candidate") or {}).get("details") or {}
         trained_choice = ((details.get("data") or {}).get("counts") or {}).get("choice", 0)
-        mmb = (h.get("paired") or {}).get("mmbench_ru") or {}
-        if trained_choice and mmb.get("diff", 0) < 0 and mmb.get("p_value", 1) < 0.05:
+        paired = h.get("paired") or {}
+        mmb, gqa = paired.get("mmbench_ru") or {}, paired.get("gqa_ru") or {}
+        if not trained_choice or gqa.get("diff", 0) < 0 and gqa.get("p_value", 1) < 0.05:
+            continue
+        if mmb.get("diff", 0) < 0 and mmb.get("p_value", 1) < 0.05:
             return h.get("index")
     return None
 

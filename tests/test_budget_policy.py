@@ -86,3 +86,26 @@ def test_nothing_that_does_not_fit_is_chosen():
 def test_no_errors_means_no_cycle():
     perfect = {b: _profile(b, 100, 0, {}) for b in ("gqa_ru", "mmbench_ru")}
     assert choose(perfect, [], COSTS, 10_000, set()) is None
+
+
+CONTENT = {"gqa_ru": _profile("gqa_ru", 192, 104, {"color": 0.45, "counting": 0.3, "location": 0.06,
+                                                   "other": 0.16, "format_mismatch": 0.03}),
+           "mmbench_ru": _profile("mmbench_ru", 158, 72, {"color": 0.35, "counting": 0.33,
+                                                          "location": 0.12, "other": 0.17,
+                                                          "format_mismatch": 0.03})}
+"""The demo base's dev profile: content errors, format slips a small minority."""
+
+
+def test_content_errors_choose_training_data_and_say_which_causes():
+    # What the 5-minute demo does: one setting first (cheap; under --objective benchmark it is
+    # measured for context distillation), then SFT data aimed at the content causes.
+    setting = {"strategy": "prompt_constraints", "status": "rejected", "gain": 0.0,
+               "setting_only": True}
+    for history in ([setting], [setting, {**setting, "strategy": "generation_params"}]):
+        choice = choose(CONTENT, history, {**COSTS, "answer_format_sft": 120.0}, 300, set(),
+                        objective="benchmark")
+        assert choice.strategy == "answer_format_sft"
+        assert "color is 45% of GQA-ru errors" in choice.rationale
+        assert "color is 35% of MMBench-ru errors" in choice.rationale
+    by_name = {r["strategy"]: r for r in choice.ranking}
+    assert by_name["answer_format_sft"]["expected_gain"] > 5 * by_name["prompt_constraints"]["expected_gain"]

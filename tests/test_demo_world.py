@@ -24,10 +24,17 @@ def _scenes(n: int, seed: int = 0):
     ("color", "синий", "фиолетовый"), ("color", "фиолетовый", "синий"),
     ("color", "зелёный", "жёлтый"), ("color", "красный", "красный"),
     ("location", "слева", "справа"), ("location", "посередине", "посередине"),
-    ("count", "три", "две"), ("count", "две", "две"), ("shape", "круг", "круг"),
+    ("count", "три", "две"), ("count", "две", "три"), ("count", "одна", "одна"),
+    ("shape", "круг", "круг"),
 ])
 def test_the_base_is_taught_a_few_systematic_slips(kind, truth, believed):
     assert flaws.believed(kind, truth) == believed
+
+
+def test_every_slip_is_a_swap_that_data_can_relabel():
+    """A merge (two truths, one belief) would leave the base nothing to tell apart."""
+    for kind, swaps in flaws.SWAPS.items():
+        assert {swaps[b] for b in swaps.values()} == set(swaps), kind
 
 
 def test_multiple_choice_is_answered_with_the_option_text_or_a_when_unsure():

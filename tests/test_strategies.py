@@ -733,10 +733,11 @@ def test_answer_format_sft_drops_multiple_choice_once_it_hurt_mmbench():
 
     from strategies.answer_format_sft import choice_hurt_mmbench, profile_mix
 
-    def cycle(index, status, choice, mmb_diff, mmb_p):
+    def cycle(index, status, choice, mmb_diff, mmb_p, gqa_diff=0.1, gqa_p=0.01):
         return {"index": index, "strategy": "answer_format_sft", "status": status,
                 "candidate": {"details": {"data": {"counts": {"short": 90, "choice": choice}}}},
-                "paired": {"mmbench_ru": {"diff": mmb_diff, "p_value": mmb_p}}}
+                "paired": {"mmbench_ru": {"diff": mmb_diff, "p_value": mmb_p},
+                           "gqa_ru": {"diff": gqa_diff, "p_value": gqa_p}}}
 
     ctx = SimpleNamespace(profiles={}, history=[])
     assert profile_mix(ctx).to_dict()["choice"] > 0
@@ -748,6 +749,10 @@ def test_answer_format_sft_drops_multiple_choice_once_it_hurt_mmbench():
     # a new champion starts afresh
     ctx.history = [cycle(1, "rejected", 30, -0.4, 1e-6), cycle(2, "accepted", 0, 0.0, 1.0)]
     assert choice_hurt_mmbench(ctx) is None
+    # a candidate significantly worse on GQA-ru too (a poor HPO trial) says nothing about
+    # multiple choice in particular: the mix stays
+    ctx.history = [cycle(1, "rejected", 30, -0.13, 0.02, gqa_diff=-0.25, gqa_p=1e-5)]
+    assert choice_hurt_mmbench(ctx) is None and profile_mix(ctx).to_dict()["choice"] > 0
 
 
 def test_a_training_cut_before_its_first_step_says_so():

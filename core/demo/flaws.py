@@ -8,7 +8,11 @@ GQA-ru-train-style data can undo:
 - colour: "синий" and "фиолетовый", and "зелёный" and "жёлтый", are swapped when it names a
   colour;
 - location: "слева" and "справа" are swapped when it says where a shape is;
-- counting: three shapes are called "две";
+- counting: "две" and "три" are swapped when it counts.
+
+Each slip is a swap, never a merge: the base still tells the two cases apart and only names them
+wrongly, so a minute of LoRA on correct answers can relabel them (a merge, such as calling three
+shapes "две" as well, would leave it nothing to relabel: it would have to learn to see anew).
 
 On multiple choice it answers with the text of the option it believes in (rule-based extraction
 reads the unique option text as that option's letter), except where a flaw makes it unsure:
@@ -24,7 +28,7 @@ SWAPS: dict[str, dict[str, str]] = {
     "color": {"синий": "фиолетовый", "фиолетовый": "синий", "зелёный": "жёлтый",
               "жёлтый": "зелёный"},
     "location": {"слева": "справа", "справа": "слева"},
-    "count": {"три": "две"},
+    "count": {"три": "две", "две": "три"},
 }
 """Question kind -> the base's wrong belief for some gold answers."""
 

@@ -32,7 +32,7 @@ TEXT = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_att
             rope_theta=10000.0)
 VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
               image_size=48, patch_size=16, projection_dim=64)
-PRETRAIN = dict(steps=1300, batch_size=32, lr=2e-3, warmup=60, max_length=160)
+PRETRAIN = dict(steps=1700, batch_size=32, lr=2e-3, warmup=60, max_length=160)
 VISION_PRETRAIN = dict(steps=300, batch_size=64, lr=3e-3)
 
 

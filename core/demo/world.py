@@ -30,7 +30,7 @@ from core.demo import scenes as sc
 
 log = logging.getLogger(__name__)
 
-VERSION = 3
+VERSION = 4
 N_TRAIN_IMAGES = 1500
 N_TESTDEV_IMAGES = 240
 N_MMBENCH_QUESTIONS = 240
@@ -38,7 +38,7 @@ N_INSTRUCT = 300
 N_CHOICE_PRETRAIN = 3000
 PERCEPTION_TARGET = 0.8
 """The base must give its taught answer to this share of fresh colour, shape and count questions."""
-MAX_EXTRA_ROUNDS = 3
+MAX_EXTRA_ROUNDS = 1
 EXTRA_ROUND = dict(steps=200, warmup=10, lr=1e-3)
 """Further pretraining while the base misses PERCEPTION_TARGET (at most MAX_EXTRA_ROUNDS)."""
 LEAD_IN_SHARE = 0.1
