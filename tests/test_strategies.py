@@ -25,8 +25,8 @@ from core.data import DataSources
 from core.demo import scenes as sc
 from core.errors import BenchmarkOptimizer
 from core.evaluate import EvalConfig, build_prompt
-from core.metrics import extract_choice
 from core.exceptions import DataError
+from core.metrics import extract_choice
 from core.sft import validate_records
 from core.train import TrainResult
 from strategies.base import (
