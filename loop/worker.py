@@ -76,7 +76,8 @@ class WorkerBench(ModelBench):
         rates = spec["rates"]
         return Context(
             cycle=spec["cycle"], seed=spec["seed"],
-            champion=Candidate("champion", "the run's champion", configs),
+            champion=Candidate("champion", "the run's champion", configs,
+                               adapter_path=spec.get("champion_adapter")),
             profiles={b: ErrorProfile(**p, examples={}) for b, p in spec["profiles"].items()},
             history=[], time_left_s=spec["time_box_s"],
             rates=CostRates(dict(rates["eval_s_per_sample"]), rates["train_s_per_sample"],

@@ -7,9 +7,11 @@ under a deadline, and ``ctx.evaluate`` scores on ``ctx.tune_examples`` (dev ques
 the decision subset), in two halves: the first half's accuracy is an intermediate value, and
 the median pruner may stop the trial there.
 
-Search space: ``lr`` (log), ``rank``, ``alpha_mult`` (alpha = rank x mult), ``dropout``,
-``steps_frac`` (share of the steps that fit the trial's time) and the mix shares
-``choice_share`` and ``instruct_share`` (the rest is short answers).
+Search space: ``init`` (once the champion has an adapter: train a new one from the base, or
+continue the champion's, ``TrainConfig.init_from``), ``lr`` (log), ``rank`` and ``alpha_mult``
+(alpha = rank x mult; a continued adapter keeps the champion's), ``dropout``, ``steps_frac``
+(share of the steps that fit the trial's time) and the mix shares ``choice_share`` and
+``instruct_share`` (the rest is short answers).
 """
 
 from __future__ import annotations
@@ -38,14 +40,20 @@ def tune_cost(ctx: Context) -> float:
     return sum(ctx.rates.eval_s_per_sample[b] * len(ex) for b, ex in tune_sets(ctx).items())
 
 
-def suggest(trial, base_lr: float) -> tuple[dict, Mix]:
+def suggest(trial, base_lr: float, champion_adapter: str | None = None) -> tuple[dict, Mix]:
     """The trial's hyper-parameters (TrainConfig fields) and data mix; the learning rate is
-    searched from a quarter to five times the model's usual LoRA rate."""
-    rank = trial.suggest_categorical("rank", [4, 8, 16, 32])
-    params = {"lr": trial.suggest_float("lr", base_lr / 4, base_lr * 5, log=True), "rank": rank,
-              "alpha": rank * trial.suggest_categorical("alpha_mult", [1, 2, 4]),
+    searched from a quarter to five times the model's usual LoRA rate. With a champion's
+    adapter, whether to continue it or start from the base is searched too."""
+    start = (trial.suggest_categorical("init", ["base", "champion"]) if champion_adapter
+             else "base")
+    params = {"lr": trial.suggest_float("lr", base_lr / 4, base_lr * 5, log=True),
               "dropout": trial.suggest_float("dropout", 0.0, 0.2),
               "steps_frac": trial.suggest_float("steps_frac", 0.3, 1.0)}
+    if start == "champion":
+        params["init_from"] = champion_adapter  # its rank and alpha come with it
+    else:
+        rank = trial.suggest_categorical("rank", [4, 8, 16, 32])
+        params.update(rank=rank, alpha=rank * trial.suggest_categorical("alpha_mult", [1, 2, 4]))
     choice = trial.suggest_float("choice_share", 0.0, 0.6)
     instruct = trial.suggest_float("instruct_share", 0.0, 0.3)
     return params, Mix(short=max(0.1, 1.0 - choice - instruct), choice=choice, instruct=instruct)
@@ -64,7 +72,7 @@ def run_trial(ctx: Context, study, trial, builder: SFTDataBuilder, seconds: floa
     trial.set_user_attr("worker", {"name": worker, "host": socket.gethostname(),
                                    "started": time.time()})
     try:
-        params, mix = suggest(trial, ctx.train_lr)
+        params, mix = suggest(trial, ctx.train_lr, ctx.champion.adapter_path)
         plan = plan_training(ctx, seconds - tune_cost(ctx), params.pop("steps_frac"))
         if plan is None:
             trial.set_user_attr("failed", f"no training fits in {seconds:.0f} s")

@@ -80,6 +80,7 @@ def cycle_spec(ctx: Context, time_box_s: float, expires_at: float, n_trials: int
     return {"cycle": ctx.cycle, "seed": ctx.seed, "train_lr": ctx.train_lr,
             "workdir": str(Path(ctx.workdir).resolve()),
             "eval_configs": {b: c.to_dict() for b, c in ctx.champion.eval_configs.items()},
+            "champion_adapter": ctx.champion.adapter_path,
             "profiles": {b: {k: v for k, v in p.to_dict().items() if k in keep}
                          for b, p in ctx.profiles.items()},
             "rates": {"eval_s_per_sample": dict(ctx.rates.eval_s_per_sample),
@@ -178,14 +179,20 @@ class OptunaHPO(Strategy):
         return study
 
     def _offer(self, ctx: Context, study, n_trials: int) -> None:
-        """Queue this cycle's slots: ``n_trials`` less those already there (a resumed cycle);
-        the study's first slot tries the usual LoRA settings."""
+        """Queue this cycle's slots: ``n_trials`` less those already there (a resumed cycle).
+        The study's first slot tries the usual LoRA settings; once the champion has an
+        adapter, a cycle's first slot continues it with the usual settings."""
         from optuna.trial import TrialState
 
         have = [t for t in hpo_study.cycle_trials(study, ctx.cycle) if t.state != TrialState.FAIL]
-        first = not study.trials
+        usual = {**DEFAULT_PARAMS, "lr": ctx.train_lr}
+        if ctx.champion.adapter_path:
+            usual = {"init": "champion", **{k: v for k, v in usual.items()
+                                            if k not in ("rank", "alpha_mult")}}
+        elif study.trials:
+            usual = {}
         for i in range(n_trials - len(have)):
-            params = {**DEFAULT_PARAMS, "lr": ctx.train_lr} if first and i == 0 else {}
+            params = usual if i == 0 and not have else {}
             study.enqueue_trial(params, user_attrs={hpo_study.CYCLE_ATTR: ctx.cycle})
 
     def _wait_or_run(self, ctx: Context, study, clock: Clock, available: float,

@@ -693,6 +693,49 @@ def test_optuna_hpo_fits_the_number_of_trials_to_the_time(tmp_path, fake_data, w
         trials(60.0, "none")
 
 
+def test_hpo_searches_whether_to_continue_the_champions_adapter():
+    from strategies.hpo_trial import suggest
+
+    common = {"lr": 1e-4, "dropout": 0.1, "steps_frac": 0.5, "choice_share": 0.2,
+              "instruct_share": 0.1}
+    params, _ = suggest(optuna.trial.FixedTrial({**common, "init": "champion"}), 1e-4, "/champ")
+    assert params["init_from"] == "/champ" and "rank" not in params  # the champion's rank
+    params, _ = suggest(optuna.trial.FixedTrial({**common, "init": "base", "rank": 8,
+                                                 "alpha_mult": 4}), 1e-4, "/champ")
+    assert "init_from" not in params and (params["rank"], params["alpha"]) == (8, 32)
+    # without a champion's adapter there is nothing to continue: "init" is not searched
+    trial = optuna.trial.FixedTrial({**common, "rank": 8, "alpha_mult": 1})
+    params, _ = suggest(trial, 1e-4, None)
+    assert "init_from" not in params and "init" not in trial.params
+
+
+def test_optuna_hpo_first_slot_of_a_cycle_continues_the_champion(tmp_path, fake_data, world):
+    champ = tmp_path / "champ"
+    champ.mkdir()
+    champion = base_candidate()
+    champion.adapter_path = str(champ)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    ctx, fakes = make_ctx(tmp_path, fake_data, world.protected, storage=storage,
+                          champion=champion)
+    cand = strategies.get("optuna_hpo").propose(ctx)
+    first = fakes.train_calls[0]["config"]
+    assert first.init_from == str(champ) and first.lr == ctx.train_lr
+    study = optuna.load_study(study_name="loop-hpo-0", storage=storage)
+    assert study.trials[0].params["init"] == "champion"
+    for t in study.get_trials(states=(TrialState.COMPLETE,)):  # the lineage is recorded
+        continued = t.user_attrs["train"]["config"]["init_from"] == str(champ)
+        assert continued == (t.params["init"] == "champion")
+    assert cand.train["config"]["init_from"] == (
+        str(champ) if cand.details["params"]["init"] == "champion" else None)
+    # a `loop worker` rebuilds the same champion from the cycle's spec
+    from loop.worker import WorkerBench
+    from strategies.optuna_hpo import cycle_spec
+
+    spec = json.loads(json.dumps(cycle_spec(ctx, 60.0, 0.0, 2)))
+    fake_worker = SimpleNamespace(sources=SimpleNamespace(data=fake_data), protected={}, tune={})
+    assert WorkerBench.context(fake_worker, spec, {}, "w").champion.adapter_path == str(champ)
+
+
 def test_optuna_hpo_without_tune_examples_fails_clearly(tmp_path, fake_data, world):
     ctx, _ = make_ctx(tmp_path, fake_data, world.protected, tune={})
     with pytest.raises(ProposalFailed, match="tune_examples"):
