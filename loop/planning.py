@@ -6,7 +6,7 @@ from pathlib import Path
 
 import strategies
 from core.device import GQA_QUESTIONS_PER_IMAGE
-from core.errors import ErrorProfile
+from core.error_profile import ErrorProfile
 from loop.budget import Budget, dev_subset_size, final_subset_size, fmt_s, priors
 from loop.policy import choose
 from strategies.base import BENCHMARKS, Context

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from core.data import load_benchmark
-from core.errors import BenchmarkOptimizer
+from core.error_profile import BenchmarkOptimizer
 from core.evaluate import EvalConfig, summarize
 from core.exceptions import UserError
 from core.splits import make_splits, stratified_subset

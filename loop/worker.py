@@ -69,7 +69,7 @@ class WorkerBench(ModelBench):
 
     def context(self, spec: dict, world: dict, worker: str) -> Context:
         """The loop's context of cycle ``spec['cycle']``, as far as a trial reads it."""
-        from core.errors import ErrorProfile
+        from core.error_profile import ErrorProfile
         from core.evaluate import EvalConfig
 
         configs = {b: EvalConfig(**c) for b, c in spec["eval_configs"].items()}

@@ -87,7 +87,7 @@ class Context:
     seed: int
     champion: Candidate
     profiles: dict[str, Any]
-    """benchmark -> core.errors.ErrorProfile of the champion on the dev subset."""
+    """benchmark -> core.error_profile.ErrorProfile of the champion on the dev subset."""
     history: list[dict]
     """Past cycles of this run: {"index", "strategy", "status", "gain", "candidate"}."""
     time_left_s: float

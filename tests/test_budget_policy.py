@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.errors import ErrorProfile
+from core.error_profile import ErrorProfile
 from core.exceptions import UserError
 from loop.budget import Budget, CostModel, dev_subset_size, final_subset_size, parse_duration
 from loop.policy import choose

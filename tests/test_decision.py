@@ -117,7 +117,7 @@ class _Adapter(_Setting):
 
 
 def _profiles():
-    from core.errors import ErrorProfile
+    from core.error_profile import ErrorProfile
 
     return {"gqa_ru": ErrorProfile("gqa_ru", n=100, n_errors=50,
                                    counts={"format_mismatch": 50},

@@ -4,12 +4,11 @@ import json
 
 import pytest
 
+from core.error_profile import BenchmarkOptimizer, ErrorProfile
 from core.errors import (
     DEFAULT_RULES_PATH,
     LABELS,
     STRATEGIES,
-    BenchmarkOptimizer,
-    ErrorProfile,
     classify,
     load_rules,
     mmbench_options,

@@ -23,7 +23,7 @@ import strategies
 from core import data as core_data
 from core.data import DataSources
 from core.demo import scenes as sc
-from core.errors import BenchmarkOptimizer
+from core.error_profile import BenchmarkOptimizer
 from core.evaluate import EvalConfig, build_prompt
 from core.exceptions import DataError
 from core.metrics import extract_choice

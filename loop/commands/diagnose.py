@@ -2,7 +2,7 @@
 
 Either evaluates (the base model or an adapter, on a fixed split, as ``loop eval`` does) or
 reads the stored predictions of an earlier evaluation (``--from-db EVAL_ID``), then classifies
-every error (``core.errors.BenchmarkOptimizer``) and prints the error profile (label, count,
+every error (``core.error_profile.BenchmarkOptimizer``) and prints the error profile (label, count,
 share, examples), the recommended remedies and the errors per question category.
 """
 
@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from core.errors import BenchmarkOptimizer
+    from core.error_profile import BenchmarkOptimizer
     from core.exceptions import UserError
 
     if args.from_db is None and args.benchmark is None:
