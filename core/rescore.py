@@ -11,10 +11,10 @@ evaluation: a line that becomes correct loses them, and one that becomes wrong h
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from core.exceptions import DataError
+from core.jsonl import jsonl_values
 from core.metrics import extract_choice, gqa_match
 
 MODES = {"gqa_ru": {"lmms": "exact_match", "normalized": "exact_match_normalized"},
@@ -42,29 +42,21 @@ def read_samples(path: str | Path) -> tuple[str, list[dict]]:
         raise DataError(f"samples file '{path}' does not exist")
     check = validator("eval_sample.schema.json")
     lines: list[dict] = []
-    with path.open(encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                line = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg} at column "
-                                f"{exc.colno})") from None
-            if not isinstance(line, dict):
-                raise DataError(f"{path}, line {number}: a sample must be a JSON object, but "
-                                f"got {type(line).__name__}")
-            errors = sorted(check.iter_errors(line), key=lambda e: list(e.absolute_path))
-            if errors:
-                e = errors[0]
-                name = _field(e.absolute_path) or (
-                    e.message.split("'")[1] if e.validator == "required" else "(line)")
-                raise DataError(f"{path}, line {number}, field '{name}': {e.message}. "
-                                "See core/schemas/eval_sample.schema.json.")
-            if lines and line["task"] != lines[0]["task"]:
-                raise DataError(f"{path}, line {number}, field 'task': '{line['task']}', but "
-                                f"the file began with '{lines[0]['task']}' (one task per file)")
-            lines.append(line)
+    for number, line in jsonl_values(path):
+        if not isinstance(line, dict):
+            raise DataError(f"{path}, line {number}: a sample must be a JSON object, but "
+                            f"got {type(line).__name__}")
+        errors = sorted(check.iter_errors(line), key=lambda e: list(e.absolute_path))
+        if errors:
+            e = errors[0]
+            name = _field(e.absolute_path) or (
+                e.message.split("'")[1] if e.validator == "required" else "(line)")
+            raise DataError(f"{path}, line {number}, field '{name}': {e.message}. "
+                            "See core/schemas/eval_sample.schema.json.")
+        if lines and line["task"] != lines[0]["task"]:
+            raise DataError(f"{path}, line {number}, field 'task': '{line['task']}', but "
+                            f"the file began with '{lines[0]['task']}' (one task per file)")
+        lines.append(line)
     if not lines:
         raise DataError(f"samples file '{path}' has no samples")
     return lines[0]["task"], lines

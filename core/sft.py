@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from core.exceptions import DataError
+from core.jsonl import jsonl_values
 
 log = logging.getLogger(__name__)
 
@@ -88,19 +89,11 @@ def load_sft_jsonl(path: str | Path) -> list[dict]:
     if not path.exists():
         raise DataError(f"no SFT file at '{path}'")
     records = []
-    with path.open(encoding="utf-8") as fh:
-        for row, line in enumerate(fh):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}, row {row}: not valid JSON ({exc.msg} at column "
-                                f"{exc.colno})") from None
-            validate_record(record, file=path, row=row)
-            if record["image"] is not None and not Path(record["image"]).is_absolute():
-                record["image"] = str((path.parent / record["image"]).resolve())
-            records.append(record)
+    for row, record in jsonl_values(path, unit="row", start=0):
+        validate_record(record, file=path, row=row)
+        if record["image"] is not None and not Path(record["image"]).is_absolute():
+            record["image"] = str((path.parent / record["image"]).resolve())
+        records.append(record)
     return records
 
 

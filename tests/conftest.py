@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +69,17 @@ def tiny_vlm_factory(tiny_vlm_dir):
 def tiny_vlm(tiny_vlm_factory):
     """One shared tiny VLM for read-only use (do not train it or attach adapters)."""
     return tiny_vlm_factory()
+
+
+@pytest.fixture(scope="session")
+def load_bench():
+    """Loads a script of bench/ (not a package) as a module: ``load_bench("cuda_check")``."""
+    return _load_bench
+
+
+def _load_bench(name: str):
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -121,3 +121,20 @@ def test_bad_input_is_one_clear_line(case, argv, words, tmp_path, tiny_vlm_dir, 
     assert len(lines) == 1, err
     for word in words:
         assert word in lines[0], (word, lines[0])
+
+
+def test_a_jsonl_line_that_is_not_json_names_the_file_and_the_line(tmp_path):
+    """SFT files count rows from 0 (as `loop train` reports them); samples files count lines
+    from 1 (as an editor shows them). Blank lines are skipped but still counted."""
+    from core.exceptions import DataError
+    from core.rescore import read_samples
+    from core.sft import load_sft_jsonl
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('\n{"id": \n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.jsonl, row 1: not valid JSON \(Expecting value "
+                                        r"at column 1\)"):
+        load_sft_jsonl(bad)
+    bad.write_text('\n{"task": \n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.jsonl, line 2: not valid JSON"):
+        read_samples(bad)
