@@ -1,23 +1,27 @@
-"""Evaluation outputs in lm-evaluation-harness / lmms-eval's shape: a results JSON and samples JSONL.
+"""Evaluation outputs in lmms-eval 0.7.2's shape: a results JSON and samples JSONL.
 
-Under ``OUTPUT_PATH/<model_name_sanitized>/`` (the harness's layout; the adapter's path names the
-model when there is one, as lm-eval's ``peft=`` does):
+Under ``OUTPUT_PATH/<model_name_sanitized>/`` (lmms-eval's folder: the last two parts of the
+model's name, the adapter's path when there is one as lmms-eval's ``peft=`` does), with
+lmms-eval's date format ``%Y%m%d_%H%M%S``:
 
-- ``results_<date>.json``: ``results`` per task with ``"<metric>,<filter>"`` keys, their
-  ``"<metric>_stderr,<filter>"`` and our 95% interval ``"<metric>_ci95,<filter>"``; ``configs``
-  (prompt, generation kwargs, protocol), ``versions`` (this package's version, which scored), ``n-shot``, ``higher_is_better``,
-  ``n-samples`` (``original``: the split, ``effective``: rows answered), ``config`` (model,
-  ``model_args``, batch size, limit, seed), ``task_hashes``, and ``loop`` (ours: protocol,
-  how the interval is made, the full metrics with per-category breakdowns, the model and
-  adapter). Validated against ``core/schemas/eval_results.schema.json`` before it is written.
-- ``samples_<task>_<date>.jsonl``: one line per question (``core/schemas/eval_sample.schema.json``):
-  the harness's ``doc_id``, ``target``, ``resps``, ``filtered_resps``, ``filter``, ``metrics``
-  with each metric's value and the hashes, beside ours: ``id``, ``image_id``, ``prompt``,
-  ``output`` (raw), ``parsed``, ``correct``, ``labels`` (error classes), ``category``, ...
-
-``stderr`` is the cluster-robust standard error over the same units as the interval (GQA-ru
-images, MMBench-ru question groups); with one question per unit it equals lm-eval's sample
-standard error of the mean.
+- ``<date>_results.json``: lmms-eval's top-level keys (``results``, ``group_subtasks``,
+  ``configs``, ``versions``, ``n-shot``, ``higher_is_better``, ``n-samples``, ``config``,
+  ``git_hash``, ``lmms_eval_version``, ``date``, ``task_hashes``, ``model_source``,
+  ``model_name``, ``model_name_sanitized``, ``start_time``, ``end_time``,
+  ``total_evaluation_time_seconds``, ...), keyed by lmms-eval's task names (``gqa-ru``,
+  ``mmbench_ru_dev``). ``results[task]`` holds ``"<metric>,none"``, its i.i.d. standard error
+  ``"<metric>_stderr,none"`` (and ``_stderr_clt``, the same number, as lmms-eval writes it),
+  the cluster-robust one ``"<metric>_stderr_clustered,none"`` (GQA-ru images, MMBench-ru
+  question groups), our 95% interval ``"<metric>_ci95,none"``, and ``samples``; MMBench-ru
+  also ``"gpt_eval_score,none"``, lmms-eval's headline key, in percent. ``loop`` holds this
+  project's own block: protocol, how the interval is made, the full metrics with per-category
+  breakdowns, the model and adapter. Validated against ``core/schemas/eval_results.schema.json``.
+- ``<date>_samples_<task>.jsonl``: one line per question (``core/schemas/eval_sample.schema.json``):
+  lmms-eval's ``doc_id``, ``input`` (the user text), ``target`` (a string), ``filtered_resps``
+  (the raw answer, a string), ``doc_hash`` and the per-sample metric values (GQA-ru
+  ``exact_match`` 0.0/1.0; MMBench-ru lmms-eval's ``gpt_eval_score`` record), beside ours:
+  ``task``, ``id``, ``image_id``, ``prompt``, ``output`` (raw), ``parsed``, ``correct``,
+  ``labels`` (error classes), ``category``, ...
 """
 
 from __future__ import annotations
@@ -37,8 +41,12 @@ from core.metrics import ROTATION_BASE, group_outcomes
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 LMMS_TASKS = {"gqa_ru": "gqa-ru", "mmbench_ru": "mmbench_ru_dev"}
 """The lmms-eval task each benchmark reproduces (its ``alias`` in ``results``)."""
-FILTERS = {"gqa_ru": "none", "mmbench_ru": "letter"}
-"""GQA-ru scores the raw answer; MMBench-ru the letter parsed from it by rules."""
+FILTERS = {"gqa_ru": "none", "mmbench_ru": "none"}
+"""lmms-eval's filter key: both tasks score the raw answer (no filter pipeline), so ``none``."""
+LMMS_SCORE = {"mmbench_ru": "gpt_eval_score"}
+"""lmms-eval's own headline metric where its name differs from ours (in percent)."""
+DATE_FORMAT = "%Y%m%d_%H%M%S"
+"""lmms-eval's ``get_datetime_str``: the ``date`` key and the files' date prefix."""
 METRICS = {"gqa_ru": {"exact_match": ("accuracy", "ci"),
                       "exact_match_normalized": ("accuracy_normalized", "ci_normalized")},
            "mmbench_ru": {"circular_accuracy": ("accuracy", "ci"),
@@ -69,8 +77,11 @@ class TaskOutput:
 
 
 def sanitize_model_name(name: str) -> str:
-    """lm-evaluation-harness's folder name for a model: runs of ``"<>:/|\\?*[]`` become ``__``."""
-    return re.sub(r"[\"<>:/|\\?*\[\]]+", "__", name)
+    """lmms-eval's folder name for a model: its last two path parts, runs of ``"<>:/|\\?*[]``
+    turned into ``__`` (``lmms_eval.utils.sanitize_model_name``)."""
+    parts = name.split("/")
+    last_two = "/".join(parts[-2:]) if len(parts) > 1 else parts[-1]
+    return re.sub(r"[\"<>:/|\\?*\[\]]+", "__", last_two)
 
 
 def hash_string(text: str) -> str:
@@ -105,15 +116,31 @@ def _per_unit(benchmark: str, samples: list[dict], metric: str) -> tuple[list[fl
             [int(s["index"]) % ROTATION_BASE for s in samples])
 
 
+def _se(value: float | None):
+    """A standard error as lmms-eval writes it: a number, or "N/A" where there is none."""
+    return "N/A" if value is None else value
+
+
 def task_results(benchmark: str, metrics: dict, samples: list[dict]) -> dict:
-    """``results[task]``: each metric, its stderr and its 95% interval, harness-keyed."""
+    """``results[task]``: each metric, its i.i.d. and cluster-robust standard errors and its
+    95% interval, lmms-eval-keyed."""
     filt = FILTERS[benchmark]
     out: dict = {"alias": LMMS_TASKS[benchmark]}
     for name, (value, ci) in METRICS[benchmark].items():
         values, clusters = _per_unit(benchmark, samples, name)
+        iid = _se(stderr(values))
         out[f"{name},{filt}"] = metrics[value]
-        out[f"{name}_stderr,{filt}"] = stderr(values, clusters)
+        out[f"{name}_stderr,{filt}"] = iid
+        out[f"{name}_stderr_clt,{filt}"] = iid
+        # circular accuracy: one outcome per question group, so its units are the clusters
+        out[f"{name}_stderr_clustered,{filt}"] = (
+            iid if name == "circular_accuracy" else
+            "N/A" if clusters is None else _se(stderr(values, clusters)))
         out[f"{name}_ci95,{filt}"] = list(metrics[ci])
+    if benchmark in LMMS_SCORE:  # lmms-eval's key for the headline, in its unit (percent)
+        out[f"{LMMS_SCORE[benchmark]},{filt}"] = 100 * metrics["accuracy"]
+        out[f"{LMMS_SCORE[benchmark]}_stderr,{filt}"] = "N/A"
+    out["samples"] = len(samples)
     return out
 
 
@@ -124,34 +151,49 @@ def image_id(benchmark: str, sample: dict, example: dict | None) -> str:
     return str(int(sample.get("index", sample["sample_id"])) % ROTATION_BASE)
 
 
+def mmbench_record(sample: dict, example: dict | None, options: dict | None) -> dict:
+    """lmms-eval's per-sample ``gpt_eval_score`` record (``ru_utils.mmbench_process_results``)."""
+    ex = example or {}
+
+    def text(key):  # a missing field reads "nan", as pandas gives it to lmms-eval
+        v = ex.get(key)
+        return v if isinstance(v, str) or v is None else "nan" if v != v else str(v)
+
+    rec = {"index": int(sample["index"]), "question": sample["question"],
+           "answer": str(sample["answer"]), "prediction": sample["output"].strip(),
+           "hint": text("hint"), "source": text("source"), "split": text("split"),
+           "category": sample.get("category"), "L2-category": text("l2-category")}
+    for c in "ABCDE":
+        rec[c] = ex[c] if isinstance(ex.get(c), str) else (options or {}).get(c, "nan")
+    return rec
+
+
 def sample_line(benchmark: str, doc_id: int, sample: dict, example: dict | None,
                 output_type: str) -> dict:
-    """One samples-JSONL line: the harness's keys beside the per-sample record's own."""
-    filt = FILTERS[benchmark]
-    names = list(METRICS[benchmark])
-    line: dict = {"doc_id": doc_id, "task": benchmark, "id": str(sample["sample_id"]),
-            "image_id": image_id(benchmark, sample, example), "question": sample["question"],
-            "prompt": sample["prompt"], "target": str(sample["answer"]),
-            "resps": [[sample["output"]]], "filtered_resps": [sample["parsed"]], "filter": filt,
-            "output_type": output_type}
+    """One samples-JSONL line: lmms-eval's keys beside the per-sample record's own."""
+    options = dict(example["options"]) if example is not None and "options" in example else \
+        sample.get("options")
+    line: dict = {"doc_id": doc_id, "input": sample["prompt"], "target": str(sample["answer"]),
+                  "filtered_resps": sample["output"]}
     if benchmark == "gqa_ru":
-        line["metrics"] = names
         line["exact_match"] = float(bool(sample["correct"]))
         line["exact_match_normalized"] = float(bool(sample["correct_normalized"]))
     else:  # circular accuracy is a question group's outcome, not a row's
-        line["metrics"] = ["per_row_accuracy"]
+        line["gpt_eval_score"] = mmbench_record(sample, example, options)
         line["per_row_accuracy"] = float(bool(sample["correct"]))
-        line["index"] = int(sample["index"])
-        line["n_options"] = sample.get("n_options")
-        if example is not None:
-            line["options"] = dict(example["options"])
-    line.update({"output": sample["output"], "parsed": sample["parsed"],
+    line.update({"task": benchmark, "id": str(sample["sample_id"]),
+                 "image_id": image_id(benchmark, sample, example), "question": sample["question"],
+                 "prompt": sample["prompt"], "output_type": output_type,
+                 "output": sample["output"], "parsed": sample["parsed"],
                  "correct": bool(sample["correct"]), "labels": list(sample.get("labels") or []),
                  "image_ok": bool(sample.get("image_ok", True)), "category": sample.get("category"),
                  "cluster": sample.get("cluster"), "seconds": sample.get("seconds")})
+    if benchmark == "mmbench_ru":
+        line["index"] = int(sample["index"])
+        line["n_options"] = sample.get("n_options")
+        if options is not None:
+            line["options"] = options
     line["doc_hash"] = hash_string(json.dumps([line["id"], line["question"]], ensure_ascii=False))
-    line["prompt_hash"] = hash_string(line["prompt"])
-    line["target_hash"] = hash_string(line["target"])
     return line
 
 
@@ -167,7 +209,8 @@ def task_config(task: TaskOutput) -> dict:
         template = ("{hint} {question}" + c.get("option_header", "") + "\n{options}\n\n"
                     + (c.get("instruction") or MMB_INSTRUCTION))
     return {
-        "task": b, "lmms_eval_task": LMMS_TASKS[b], "test_split": task.split,
+        "task": LMMS_TASKS[b], "benchmark": b, "lmms_eval_task": LMMS_TASKS[b],
+        "test_split": task.split,
         "output_type": "loglikelihood" if likelihood else "generate_until",
         "doc_to_text": template, "num_fewshot": 0,
         "generation_kwargs": None if likelihood else {
@@ -183,30 +226,44 @@ def task_config(task: TaskOutput) -> dict:
 
 
 def results_document(tasks: list[TaskOutput], *, model: dict, config: dict, lines: dict,
-                     extra: dict | None = None, version: str | None = None) -> dict:
-    """The results JSON for one model over ``tasks`` (``lines``: task -> its samples lines)."""
-    names = [t.benchmark for t in tasks]
+                     date: str, extra: dict | None = None, version: str | None = None,
+                     git_hash: str | None = None) -> dict:
+    """The results JSON for one model over ``tasks`` (``lines``: benchmark -> its samples lines)."""
+    names = {t.benchmark: LMMS_TASKS[t.benchmark] for t in tasks}
     name = model.get("adapter") or model["source"]
+    seconds = sum(t.seconds for t in tasks)
+    end = time.time()
     return {
-        "results": {t.benchmark: task_results(t.benchmark, t.metrics, t.samples) for t in tasks},
-        "group_subtasks": {b: [] for b in names},
-        "configs": {t.benchmark: task_config(t) for t in tasks},
-        "versions": {b: version for b in names},
-        "n-shot": {b: 0 for b in names},
-        "higher_is_better": {b: {m: True for m in METRICS[b]} for b in names},
-        "n-samples": {t.benchmark: {"original": t.n_original if t.n_original is not None
-                                    else len(t.samples), "effective": len(t.samples)}
+        "results": {names[t.benchmark]: task_results(t.benchmark, t.metrics, t.samples)
+                    for t in tasks},
+        "group_subtasks": {n: [] for n in names.values()},
+        "configs": {names[t.benchmark]: task_config(t) for t in tasks},
+        "versions": {n: version for n in names.values()},
+        "n-shot": {n: 0 for n in names.values()},
+        "higher_is_better": {names[b]: {m: True for m in METRICS[b]} for b in names},
+        "n-samples": {names[t.benchmark]: {"original": t.n_original if t.n_original is not None
+                                           else len(t.samples), "effective": len(t.samples)}
                       for t in tasks},
         "config": config,
-        "date": time.time(),
-        "model_name": name, "model_name_sanitized": sanitize_model_name(name),
-        "total_evaluation_time_seconds": str(sum(t.seconds for t in tasks)),
-        "task_hashes": {b: hash_string("".join(ln["doc_hash"] + ln["prompt_hash"] + ln["target_hash"]
-                                               for ln in lines[b])) for b in names},
+        "git_hash": git_hash,
+        "lmms_eval_version": f"llava-ru-loop@{version}",
+        "date": date,
+        # lmms-eval: sha256 of "sample_<i>" + doc_hash over the samples, in order
+        "task_hashes": {names[b]: hash_string("".join(f"sample_{i}" + ln["doc_hash"]
+                                                      for i, ln in enumerate(lines[b])))
+                        for b in names},
+        "model_source": config.get("model", "loop"), "model_name": name,
+        "model_name_sanitized": sanitize_model_name(name),
+        "system_instruction": None, "system_instruction_sha": None,
+        "fewshot_as_multiturn": False, "chat_template": None, "chat_template_sha": None,
+        "start_time": end - seconds, "end_time": end,
+        "total_evaluation_time_seconds": str(seconds),
         "loop": {"version": version, "model": model, "adapter": model.get("adapter"),
+                 "tasks": names,
                  "protocol": {t.benchmark: t.protocol for t in tasks},
                  "interval": {b: INTERVALS[b] for b in names},
-                 "stderr": "cluster-robust standard error over the interval's units",
+                 "stderr": "_stderr: i.i.d. over questions (MMBench-ru circular: over question "
+                           "groups); _stderr_clustered: cluster-robust over the interval's units",
                  "split": {t.benchmark: t.split for t in tasks},
                  "metrics": {t.benchmark: t.metrics for t in tasks}, **(extra or {})},
     }
@@ -227,19 +284,32 @@ def check_results(doc: dict) -> None:
         raise ValueError(f"results JSON, field '{where}': {errors[0].message}")
 
 
+def free_date(folder: Path, date: str | None = None) -> str:
+    """lmms-eval's date string for the files, a second later while ``folder`` has that one."""
+    from datetime import timedelta
+
+    if date is not None:
+        return date
+    now = datetime.now()
+    while (folder / f"{now.strftime(DATE_FORMAT)}_results.json").exists():
+        now += timedelta(seconds=1)
+    return now.strftime(DATE_FORMAT)
+
+
 def write_outputs(output_path: str | Path, tasks: list[TaskOutput], *, model: dict, config: dict,
                   extra: dict | None = None, version: str | None = None,
-                  date: str | None = None) -> dict[str, Path]:
-    """Write the results JSON and one samples JSONL per task; returns their paths by name."""
-    date = date or datetime.now().isoformat().replace(":", "-")
+                  git_hash: str | None = None, date: str | None = None) -> dict[str, Path]:
+    """Write the results JSON and one samples JSONL per task; returns their paths by benchmark."""
     lines = {t.benchmark: [sample_line(t.benchmark, i, s,
                                        t.examples[i] if t.examples else None,
                                        task_config(t)["output_type"])
                            for i, s in enumerate(t.samples)] for t in tasks}
-    doc = results_document(tasks, model=model, config=config, lines=lines, extra=extra,
-                           version=version)
-    folder = Path(output_path) / doc["model_name_sanitized"]
-    files = {b: folder / f"samples_{b}_{date}.jsonl" for b in lines}
+    name = model.get("adapter") or model["source"]
+    folder = Path(output_path) / sanitize_model_name(name)
+    date = free_date(folder, date)
+    doc = results_document(tasks, model=model, config=config, lines=lines, date=date, extra=extra,
+                           version=version, git_hash=git_hash)
+    files = {b: folder / f"{date}_samples_{LMMS_TASKS[b]}.jsonl" for b in lines}
     doc["loop"]["samples_files"] = {b: p.name for b, p in files.items()}
     check_results(json.loads(json.dumps(doc, default=str)))
     folder.mkdir(parents=True, exist_ok=True)
@@ -247,7 +317,7 @@ def write_outputs(output_path: str | Path, tasks: list[TaskOutput], *, model: di
         with path.open("w", encoding="utf-8") as f:
             for line in lines[b]:
                 f.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
-    results = folder / f"results_{date}.json"
+    results = folder / f"{date}_results.json"
     results.write_text(json.dumps(doc, ensure_ascii=False, indent=2, default=str) + "\n",
                        encoding="utf-8")
     return {"results": results, **files}

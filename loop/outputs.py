@@ -1,4 +1,4 @@
-"""``--output_path``: a command's evaluations written as lmms-eval / lm-evaluation-harness files.
+"""``--output_path``: a command's evaluations written as lmms-eval 0.7.2 writes its files.
 
 ``loop eval`` writes its one evaluation; ``loop run`` writes the final evaluations of the run
 (the base and the champion, and the champion with its own settings when it carries some),
@@ -29,13 +29,14 @@ def version() -> str | None:
 
 def harness_config(model: dict, *, batch_size: int | None, device: str | None,
                    limit: int | None, seed: int) -> dict:
-    """The results file's ``config``, as lm-evaluation-harness fills it."""
+    """The results file's ``config``, with the keys lmms-eval's evaluator fills."""
     args = f"pretrained={model['source']}"
     if model.get("adapter"):
         args += f",peft={model['adapter']}"
-    return {"model": "loop", "model_args": args, "batch_size": batch_size, "batch_sizes": [],
-            "device": device, "limit": limit, "random_seed": seed, "gen_kwargs": None,
-            "bootstrap_iters": 2000}
+    return {"model": "loop", "model_args": args, "model_backend": "core.model.VLM (generate)",
+            "batch_size": batch_size, "batch_sizes": [], "device": device, "use_cache": None,
+            "limit": limit, "offset": 0, "bootstrap_iters": 2000, "gen_kwargs": None,
+            "random_seed": seed, "numpy_seed": seed, "torch_seed": seed, "fewshot_seed": seed}
 
 
 def write_eval(args, examples: list[dict], result, model: dict, eval_id: int,
@@ -50,8 +51,8 @@ def write_eval(args, examples: list[dict], result, model: dict, eval_id: int,
     config = harness_config(model, batch_size=args.batch_size, device=device, limit=args.limit,
                             seed=args.seed)
     files = write_outputs(args.output_path, [task], model=model, config=config,
-                          version=version(), extra={"eval_id": eval_id, "db": str(args.db),
-                                                    "git_hash": git_commit()})
+                          version=version(), git_hash=git_commit(),
+                          extra={"eval_id": eval_id, "db": str(args.db)})
     log.info("results and samples written under %s", files["results"].parent)
     return files
 
@@ -114,9 +115,8 @@ def write_run(store, run_id: int, output_path: str | Path,
                                 device=profile.get("name"),
                                 limit=cfg.get("final_size"), seed=cfg.get("seed", 0))
         files = write_outputs(Path(output_path) / role, tasks, model=model, config=config,
-                              version=version(), extra={
+                              version=version(), git_hash=env.get("git_commit"), extra={
                                   "run_id": run_id, "role": role, "db": str(store.path),
-                                  "eval_ids": {ev["benchmark"]: ev["id"] for ev in evals},
-                                  "git_hash": env.get("git_commit")})
+                                  "eval_ids": {ev["benchmark"]: ev["id"] for ev in evals}})
         written.append(files["results"])
     return written

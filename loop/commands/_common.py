@@ -24,8 +24,8 @@ def add_json_arg(parser: argparse.ArgumentParser) -> None:
 
 def add_output_path_arg(parser: argparse.ArgumentParser, what: str = "the evaluation") -> None:
     parser.add_argument("--output_path", "--output-path", dest="output_path", metavar="DIR",
-                        help=f"also write {what} as lmms-eval / lm-evaluation-harness files: "
-                        "DIR/<model>/results_<date>.json and samples_<task>_<date>.jsonl "
+                        help=f"also write {what} as lmms-eval 0.7.2 writes its files: "
+                        "DIR/<model>/<date>_results.json and <date>_samples_<task>.jsonl "
                         "(one line per question)")
 
 
