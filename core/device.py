@@ -83,9 +83,20 @@ class Profile:
         out["reasons"] = list(self.reasons)
         return out
 
-    def log_reasons(self) -> None:
+    def log_reasons(self, *, training: bool = True) -> None:
+        """Log why each choice was made; an evaluation (``training=False``) leaves out the
+        choices that only concern training (optimizer, checkpointing, micro-batch, ...)."""
         for reason in self.reasons:
-            log.info("profile %s: %s", self.name, reason)
+            if training or not is_training_reason(reason):
+                log.info("profile %s: %s", self.name, reason)
+
+
+TRAINING_ONLY = ("gradient checkpointing", "AdamW", "micro-batch", "LoRA weights")
+"""Words that mark a reason as a training-only choice: an evaluation does not log those."""
+
+
+def is_training_reason(reason: str) -> bool:
+    return any(word in reason for word in TRAINING_ONLY)
 
 
 def detect_gpu() -> GpuInfo | None:

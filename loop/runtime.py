@@ -10,14 +10,15 @@ log = logging.getLogger(__name__)
 
 
 def load_options(gpu: str) -> LoadOptions:
-    """LoadOptions for a ``--gpu`` profile (``core.device`` logs the reason for each choice)."""
+    """LoadOptions for a ``--gpu`` profile, to evaluate (``core.device`` logs the reason for
+    each choice that concerns loading and evaluating; training's are left out)."""
     from dataclasses import replace
 
     from core.device import resolve_profile
     from core.distributed import device_for
 
     profile = resolve_profile(gpu)
-    profile.log_reasons()
+    profile.log_reasons(training=False)
     options = profile.load_options()
     return replace(options, device=device_for(options.device))
 

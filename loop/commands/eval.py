@@ -163,7 +163,8 @@ def record(args: argparse.Namespace, result, model: dict, processes: int = 1) ->
                        "adapter_path": model["adapter"], "options": resolved_options(args),
                        "processes": processes})
         store.add_predictions(eval_id, result.samples)
-    log.info("evaluation %d and its %d predictions recorded in %s", eval_id, result.n, args.db)
+    log.info("evaluation %d and its %d predictions recorded in %s", eval_id, len(result.samples),
+             args.db)
     return eval_id
 
 
