@@ -173,6 +173,7 @@ def load_gqa(source: str = GQA_ID, split: str = "testdev") -> list[dict]:
         rec["benchmark"] = "gqa_ru"
         rec["_image"] = loader(row_of.get(str(rec["imageId"])))
         records.append(rec)
+    records = drop_duplicates(records, where, "question id")
     log.info("GQA-ru %s: %d questions on %d images from %s", split, len(records), len(row_of), source)
     return records
 
@@ -198,8 +199,55 @@ def load_mmbench(source: str = MMBENCH_ID, split: str = "dev") -> list[dict]:
         rec["benchmark"] = "mmbench_ru"
         rec["_image"] = (lambda j=i: image_col[j]["image"]) if image_col is not None else (lambda: None)
         records.append(rec)
+    records = drop_duplicates(records, where, "index", same_image=lambda a, b: _same_pixels(
+        image_col, a, b))
     log.info("MMBench-ru %s: %d rows from %s", split, len(records), source)
     return records
+
+
+def drop_duplicates(records: list[dict], where: str, name: str,
+                    same_image: Callable[[int, int], bool] | None = None) -> list[dict]:
+    """Each id once: identical copies of a row are dropped (and reported), differing rows that
+    share an id are refused, so that no question is counted or scored twice.
+
+    Raises:
+        DataError: naming the dataset, the id and the rows, when the copies differ.
+    """
+    first: dict[str, int] = {}
+    kept, dropped = [], []
+    for i, rec in enumerate(records):
+        j = first.setdefault(rec["id"], i)
+        if j == i:
+            kept.append(rec)
+            continue
+        a, b = _public_fields(records[j]), _public_fields(rec)
+        fields = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)
+                        and not (is_missing(a.get(k)) and is_missing(b.get(k))))
+        if not fields and same_image is not None and not same_image(j, i):
+            fields = ["image"]
+        if fields:
+            raise DataError(f"{where}: {name} '{rec['id']}' is used by rows {j} and {i}, which "
+                            f"differ in {', '.join(repr(f) for f in fields)}; each question "
+                            f"needs its own {name}. Remove or renumber one of the rows.")
+        dropped.append((rec["id"], j, i))
+    if dropped:
+        log.warning("%s: %d duplicated row(s) dropped, identical copies of an earlier row "
+                    "(%s); each question is counted and scored once", where, len(dropped),
+                    "; ".join(f"{name} '{k}': row {i} repeats row {j}" for k, j, i in dropped))
+    return kept
+
+
+def _public_fields(rec: dict) -> dict:
+    return {k: v for k, v in rec.items() if not k.startswith("_")}
+
+
+def _same_pixels(image_col, i: int, j: int) -> bool:
+    if image_col is None:
+        return True
+    a, b = image_col[i]["image"], image_col[j]["image"]
+    if a is None or b is None:
+        return a is b
+    return a.size == b.size and a.tobytes() == b.tobytes()
 
 
 def load_llava_instruct(source: str = INSTRUCT_ID, coco_dir: str | None = None,
