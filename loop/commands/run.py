@@ -93,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
                        study=args.study, heartbeat_s=args.heartbeat, hpo_here=args.hpo_here,
                        storage=masked(normalized(args.storage)) if args.storage else None,
                        progress=not args.quiet)
+    if not args.resume:  # a user error leaves no run, no database and no run folder behind
+        preflight(config, args.db)
     if args.output_path:  # a folder that cannot be made fails now, not after the run
         from pathlib import Path
 
@@ -114,3 +116,35 @@ def run(args: argparse.Namespace) -> int:
         print(f"report: {run_row['report_path']}")
     print(f"see `python -m loop log --db {args.db}` and `python -m loop show CYCLE`")
     return 0
+
+
+def preflight(config, db: str) -> None:
+    """What a new run needs, checked before anything is created: the GPU of its profile, the
+    model and the data (local, or a reachable or cached hub id), and folders it may write.
+
+    Raises:
+        UserError: one line naming what is missing and what to do.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from core.device import resolve_profile
+    from core.exceptions import UserError
+    from loop.sources import check_reachable, resolve_sources
+
+    resolve_profile(config.gpu)
+    check_reachable(resolve_sources(config.preset, config.model, config.data_dir,
+                                    config.coco_dir, config.seed))
+    for flag, value in (("--db", db), ("--workdir", config.workdir)):
+        if value is None:
+            continue
+        target = Path(value).resolve()
+        target = target.parent if flag == "--db" else target
+        existing = next(p for p in (target, *target.parents) if p.exists())
+        try:  # a file made and removed at once: the folder is left as it was
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as exc:
+            raise UserError(f"cannot write to {value} ({flag}): {exc.strerror or exc} in "
+                            f"{existing}. Choose a folder you may write to with {flag}."
+                            ) from None
