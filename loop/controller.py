@@ -268,7 +268,17 @@ class Loop:
             if c["status"] == "accepted":
                 champion = Candidate.from_dict(c["candidate"])
                 scores = {b: self.bench.load_scored(i) for b, i in c["eval_ids"].items()}
+        sets = self.store.proposal(self.run_id, 0, "strategy-sets")
+        if sets is not None:  # what a resumed run had ruled out stays ruled out
+            self.exhausted = set(sets["payload"]["exhausted"])
+            self.blocked = set(sets["payload"]["blocked"])
         return champion, scores
+
+    def save_strategy_sets(self) -> None:
+        """Store the exhausted and blocked strategies, so that a resumed run keeps them."""
+        self.store.save_proposal(self.run_id, 0, "strategy-sets",
+                                 {"exhausted": sorted(self.exhausted),
+                                  "blocked": sorted(self.blocked)})
 
     def choose_next(self, champion: Candidate, scores: dict[str, Scored]):
         """Diagnose the champion's dev errors and let the policy pick a strategy that fits."""
@@ -296,6 +306,7 @@ class Loop:
             except Exception as exc:  # a broken remedy is left out, the run goes on
                 log.warning("%s cannot estimate its cost, leaving it out: %s", name, exc)
                 self.blocked.add(name)
+                self.save_strategy_sets()
         choice = choose(profiles, self.history, costs, time_left, self.exhausted | self.blocked,
                         objective=cfg.objective)
         if choice is None:
@@ -332,12 +343,14 @@ class Loop:
                                    setting_only=setting_only, objective=self.config.objective)
         except Exhausted as exc:
             self.exhausted.add(choice.strategy)
+            self.save_strategy_sets()
             self.store.fail_step(self.run_id, key, f"exhausted: {exc}")
             self.store.drop_proposal(self.run_id, index, "choice")
             return champion, scores
         except ProposalFailed as exc:
             # Not again until the champion changes: time only shrinks, the data stays the same.
             self.blocked.add(choice.strategy)
+            self.save_strategy_sets()
             log.warning("%s could not propose: %s", choice.strategy, exc)
             self.record_cycle(index, choice, champion, None, {}, "failed", t0,
                               error=f"ProposalFailed: {exc}")
@@ -353,6 +366,7 @@ class Loop:
         self.record_cycle(index, choice, champion, candidate, results, status, t0, paired=paired)
         if status == "accepted":
             self.blocked.clear()
+            self.save_strategy_sets()
             return candidate, results
         if candidate.adapter_path != champion.adapter_path:
             self.bench.drop(candidate.adapter_path)
