@@ -1,11 +1,12 @@
 """Runs that survive anything, tried as a user would: default sizes, SIGKILL at several moments
-of one demo run, each followed by ``--resume``; databases sharing a working folder; remedies
-that raise."""
+of one demo run and at ten random moments of another, each followed by ``--resume``; a resumed
+run keeps what it had ruled out; databases sharing a working folder; remedies that raise."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import sqlite3
 import subprocess
@@ -157,6 +158,95 @@ def test_sigkill_at_every_phase_then_resume_loses_and_doubles_nothing(demo_world
         _cli(capsys, "pin", str(adapters[-1][0]), "--db", str(db))
         _cli(capsys, "export", "--db", str(db))
     print(f"killed at: {killed}")
+
+
+def _finished(db: Path) -> dict:
+    """What the run has finished so far: steps (with their attempts), cycles, evaluations with
+    their sizes and stored predictions."""
+    con = sqlite3.connect(db)
+    try:
+        return {
+            "steps": set(con.execute("select key, attempts from loop_steps "
+                                     "where status = 'finished'")),
+            "cycles": set(con.execute("select cycle_index, status, strategy from loop_cycles")),
+            "evaluations": set(con.execute(
+                "select e.id, e.n, count(p.id) from loop_evaluations e join loop_predictions p "
+                "on p.eval_id = e.id group by e.id")),
+        }
+    finally:
+        con.close()
+
+
+def test_ten_sigkills_at_random_moments_each_resumed_lose_nothing_finished(demo_world, tmp_path,
+                                                                          monkeypatch):
+    """Default flags but the budget; kill moments drawn from a seeded generator, measured from
+    the moment each process has taken up the run (so every process gets some work done)."""
+    monkeypatch.chdir(tmp_path)
+    rng = random.Random(23)
+    db = tmp_path / "e.db"
+    proc = _run(db, tmp_path, "--preset", "demo", "--budget", "150s")
+    kills, before = 0, None
+    t0 = time.time()
+    while kills < 10:
+        taken_up = (f"select count(*) from loop_runs where status = 'running' and "
+                    f"(select count(*) from loop_resumes) = {kills}")
+        if not _wait_for(db, taken_up, proc):
+            break  # the run finished before the next kill
+        time.sleep(rng.uniform(0.0, 8.0))
+        if proc.poll() is not None:
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        con = sqlite3.connect(db)
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        con.close()
+        now = _finished(db)
+        if before is not None:  # nothing a killed process had finished is lost or redone
+            for key in before:
+                assert before[key] <= now[key], (key, before[key] - now[key])
+        before = now
+        proc = _run(db, tmp_path, "--resume")
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert kills == 10, f"the run finished after {kills} kills"
+    after = _finished(db)
+    for key in before:
+        assert before[key] <= after[key], key
+    con = sqlite3.connect(db)
+    assert con.execute("select status from loop_runs").fetchall() == [("finished",)]
+    assert con.execute("select count(*) from loop_resumes").fetchone()[0] == 10
+    assert con.execute("select count(*) from (select 1 from loop_predictions "
+                       "group by eval_id, sample_id having count(*) > 1)").fetchone()[0] == 0
+    con.close()
+    print(f"10 kills and resumes, finished in {time.time() - t0:.0f} s")
+
+
+def test_a_resumed_run_keeps_the_strategies_it_had_ruled_out(tmp_path):
+    from loop.controller import Loop, RunConfig
+    from loop.store import Store
+    from strategies.base import base_candidate
+
+    with Store(tmp_path / "e.db") as store:
+        run_id = store.create_run(config={}, environment={}, budget_s=60.0, preset="demo",
+                                  gpu="cpu")
+        first = Loop(RunConfig(budget_s=60.0, preset="demo"), store)
+        first.run_id = run_id
+        first.exhausted.add("prompt_constraints")
+        first.blocked.add("answer_format_sft")
+        first.save_strategy_sets()
+        resumed = Loop(RunConfig(budget_s=60.0, preset="demo"), store, resume=True)
+        resumed.run_id = run_id
+        resumed.replay(base_candidate(), {})
+        assert resumed.exhausted == {"prompt_constraints"}
+        assert resumed.blocked == {"answer_format_sft"}
+        # a new champion frees the blocked ones, and that is kept too
+        resumed.blocked.clear()
+        resumed.save_strategy_sets()
+        again = Loop(RunConfig(budget_s=60.0, preset="demo"), store, resume=True)
+        again.run_id = run_id
+        again.replay(base_candidate(), {})
+        assert again.exhausted == {"prompt_constraints"} and again.blocked == set()
 
 
 def test_databases_in_one_folder_never_touch_each_other(demo_world, tmp_path, capsys):
