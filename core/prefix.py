@@ -119,12 +119,11 @@ def generate_shared(vlm, texts: list[str], images: list, *, max_new_tokens: int,
         of token positions the prefill ran, or None when the batch has no usable shared prefix
         (the caller then generates without the cache). A batch in which no two rows show the
         same image (batch size 1, or one question per image) has nothing to share: the cache
-        would only add a second pass and the middle padding (saiga-tiny at batch 1: 27-33
-        samples/s with it, 36 without), so it is not used.
+        would only add a second pass and the middle padding, so it is not used.
     """
     import torch
 
-    if len(set(image_keys(images))) == len(images):
+    if len(images) < 2 or len(set(image_keys(images))) == len(images):
         return None
 
     tok = vlm.tokenizer
