@@ -265,6 +265,7 @@ def load_vlm(source: str | Path, *, options: LoadOptions | None = None,
                         f"{type(exc).__name__}: {str(exc)[:300]}") from None
     fill_processor_fields(processor, model.config)
     ensure_pad_token(processor.tokenizer, model.config)
+    skip_ignored_bpe_cleanup(processor.tokenizer)
     if not options.load_in_4bit:
         model.to(options.device)
     model.eval()
@@ -274,6 +275,23 @@ def load_vlm(source: str | Path, *, options: LoadOptions | None = None,
     if adapter is not None:
         vlm.load_adapter(adapter, "adapter")
     return vlm
+
+
+def skip_ignored_bpe_cleanup(tokenizer) -> None:
+    """Turn off ``clean_up_tokenization_spaces`` where transformers ignores it anyway.
+
+    Llama-3's tokenizer files (LLaVA-Saiga-8B's, and saiga-tiny's, saved the same way) set it,
+    but the cleanup (deleting the space before punctuation) is meant for WordPiece, and
+    transformers skips it for a BPE tokenizer, logging "Ignoring
+    clean_up_tokenization_spaces=True ... destructive for BPE" on the first decode of every
+    command. Turning it off there decodes exactly the same text, without the warning.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (getattr(tokenizer, "clean_up_tokenization_spaces", False) and backend is not None
+            and type(backend.model).__name__ == "BPE" and not getattr(
+                tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output",
+                False)):
+        tokenizer.clean_up_tokenization_spaces = False
 
 
 def nf4_config(compute_dtype: str):
