@@ -80,15 +80,25 @@ def hub_host() -> tuple[str, int]:
 
 @cache
 def hub_reachable() -> bool:
-    """One TCP connection to the hub's host, ``PROBE_TIMEOUT_S`` at most (asked once per
-    process): without it, every file the libraries ask for retries for minutes."""
+    """One TCP connection to the hub's host, asked once per process and given
+    ``PROBE_TIMEOUT_S`` (name lookup included: it runs in a thread that is not waited for
+    longer): without it, every file the libraries ask for retries for minutes."""
+    import threading
+
     host, port = hub_host()
-    try:
-        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
-            return True
-    except OSError as exc:
-        log.debug("hub %s:%d not reachable: %s", host, port, exc)
-        return False
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+                result.append(True)
+        except OSError as exc:
+            log.debug("hub %s:%d not reachable: %s", host, port, exc)
+
+    thread = threading.Thread(target=probe, name="hub-probe", daemon=True)
+    thread.start()
+    thread.join(PROBE_TIMEOUT_S + 1.0)
+    return bool(result)
 
 
 def go_offline() -> None:
@@ -146,5 +156,7 @@ def check_reachable(sources: Sources,
                         f"{'is' if len(missing) == 1 else 'are'} not in the local cache: "
                         f"download {'it' if len(missing) == 1 else 'them'} where there is "
                         f"network (`huggingface-cli download {repo} {kind}--local-dir DIR`) "
-                        f"and pass `{flag} DIR`.")
+                        f"and pass `{flag} DIR`"
+                        + (" (the datasets go in one folder for `--data-dir`, see the README)"
+                           if flag == "--model" and len(missing) > 1 else "") + ".")
     log.info("%s: using the cached %s", why, ", ".join(needed.values()))

@@ -271,3 +271,20 @@ def test_identical_repeated_rows_are_counted_once_and_reported(bench, rows, kept
     assert con.execute("select count(*), count(distinct sample_id) from loop_predictions"
                        ).fetchone() == (kept, kept)
     con.close()
+
+
+def test_a_hub_probe_that_hangs_gives_up_within_seconds(monkeypatch):
+    """A name lookup that hangs (no socket timeout covers it) does not hold the command."""
+    import socket
+
+    import loop.sources
+
+    monkeypatch.setattr(loop.sources, "PROBE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(socket, "create_connection", lambda *args, **kwargs: time.sleep(5))
+    loop.sources.hub_reachable.cache_clear()
+    try:
+        t0 = time.perf_counter()
+        assert loop.sources.hub_reachable() is False
+        assert time.perf_counter() - t0 < 2.5
+    finally:
+        loop.sources.hub_reachable.cache_clear()
