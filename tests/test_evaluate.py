@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from core.evaluate import EvalConfig, build_prompt, evaluate
+from tests.lmms_reference.mmbench_ru import lmms_prompt
 
 
 def _gqa(i: int, answer: str = "да", image=True) -> dict:
@@ -58,26 +59,13 @@ def test_prompts_are_lmms_evals_byte_for_byte(example, expected):
     assert build_prompt(example, EvalConfig()) == expected
 
 
-def _lmms_eval_mmbench_doc_to_text(doc: dict) -> str:
-    # lmms-eval's ru_utils.mmbench_doc_to_text and create_options_prompt, restated on a doc.
-    options_prompt = "There are several options:\n"
-    for key in sorted(set(doc) & {"A", "B", "C", "D", "E"}):
-        if doc[key] and doc[key] != "nan":
-            options_prompt += f"{key}. {doc[key]}\n"
-    options_prompt = options_prompt.rstrip("\n")
-    hint = doc["hint"]
-    query = (f"{hint} {doc['question']} {options_prompt}" if hint is not None and hint != "nan"
-             else f"{doc['question']} {options_prompt}")
-    return f"{query}\n" + "\nВыбери правильный вариант ответа буквой."
-
-
 @pytest.mark.parametrize("hint", [None, "nan", "Подсказка: фигура одна."])
 @pytest.mark.parametrize("n_options", [2, 3, 4])
 def test_mmbench_prompt_matches_lmms_evals_function(hint, n_options):
     options = dict(zip("ABCD", ["красный", "синий", "зелёный", "жёлтый"][:n_options]))
-    doc = {"question": "Какого цвета фигура?", "hint": hint, **options}
-    assert build_prompt(_mmb(3, options, "A", hint=hint), EvalConfig()) == (
-        _lmms_eval_mmbench_doc_to_text(doc))
+    doc = {"index": 3, "question": "Какого цвета фигура?", "hint": hint, "answer": "A",
+           "category": "color", "l2-category": "x", "source": "t", "split": "dev", **options}
+    assert build_prompt(_mmb(3, options, "A", hint=hint), EvalConfig()) == lmms_prompt(doc)
 
 
 def test_lmms_protocol_is_named_and_changes_are_not():
