@@ -90,7 +90,8 @@ class EvalConfig:
         """A short name of the scoring protocol, shown next to every number."""
         if benchmark == "mmbench_ru" and self.mode == "likelihood":
             return "mmbench-ru option-text likelihood (its own protocol, not lmms-eval's)"
-        name = "gqa-ru exact match" if benchmark == "gqa_ru" else "mmbench-ru circular, rule-parsed letter"
+        name = ("gqa-ru exact match" if benchmark == "gqa_ru"
+                else "mmbench-ru circular, letter by lmms-eval's rule")
         lmms = self.is_lmms(benchmark)
         return f"{name} ({'lmms-eval prompt and decoding' if lmms else 'changed prompt/decoding'})"
 
