@@ -42,7 +42,8 @@ MODES = ("generate", "likelihood")
 LMMS_MAX_NEW_TOKENS = {"gqa_ru": 16, "mmbench_ru": 1024}
 """lmms-eval's ``generation_kwargs.max_new_tokens`` of ``gqa-ru`` and ``mmbench_ru_dev``."""
 LMMS_STOP = {"gqa_ru": [], "mmbench_ru": ["ASSISTANT:"]}
-"""lmms-eval's ``generation_kwargs.until`` (generation also stops on ``<|eot_id|>``)."""
+"""The task yamls' ``generation_kwargs.until``, recorded with the results; lmms-eval's
+``llava_hf`` never applies it (it stops on the tokenizer's eos only), so neither does this."""
 
 
 @dataclass
@@ -58,7 +59,7 @@ class EvalConfig:
     num_beams: int = 1
     repetition_penalty: float = 1.0
     stop_strings: list[str] = field(default_factory=list)
-    """Cut the answer at the first of these strings (e.g. "\\n", "."), besides lmms-eval's own."""
+    """Cut the answer at the first of these strings (e.g. "\\n", "."); lmms-eval cuts at none."""
     mode: str = "generate"
     """generate | likelihood (MMBench-ru only: rank option texts, no generation)."""
 
@@ -173,7 +174,7 @@ def evaluate(vlm, examples: list[dict], config: EvalConfig | None = None, *,
     if config.mode == "likelihood" and benchmark != "mmbench_ru":
         raise ValueError("mode='likelihood' is a MMBench-ru protocol; GQA-ru answers are open")
     max_new = config.max_new_tokens or _default_max(benchmark)
-    stops = LMMS_STOP[benchmark] + [s for s in config.stop_strings if s not in LMMS_STOP[benchmark]]
+    stops = list(config.stop_strings)  # lmms-eval's llava_hf applies no stop string
     prompts = [build_prompt(ex, config) for ex in examples]
     if prefix_cache:
         order = sorted(range(len(examples)), key=lambda i: (image_group(examples[i]), len(prompts[i])))
