@@ -78,6 +78,26 @@ def is_missing(value: Any) -> bool:
             or (isinstance(value, str) and value.strip().lower() in ("", "nan")))
 
 
+def isna(value: Any) -> bool:
+    """``pd.isna`` for the values a dataset row holds: None or NaN."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+MMB_OPTION_LETTERS = "ABCDE"
+"""The option columns lmms-eval's ``mmbench_doc_to_text`` puts in the prompt when present."""
+
+
+def mmbench_prompt_options(row: dict) -> dict[str, str]:
+    """The options lmms-eval's prompt shows for a MMBench row, raw, in letter order.
+
+    ``create_options_prompt`` keeps a column A-E when the row has it and its value is truthy,
+    not NaN and not the string "nan": an empty text is left out, a text of spaces is shown, and
+    nothing is stripped.
+    """
+    return {k: str(row[k]) for k in MMB_OPTION_LETTERS
+            if k in row and row[k] and not isna(row[k]) and row[k] != "nan"}
+
+
 # ---------------------------------------------------------------- images
 
 
@@ -179,7 +199,11 @@ def load_gqa(source: str = GQA_ID, split: str = "testdev") -> list[dict]:
 
 
 def load_mmbench(source: str = MMBENCH_ID, split: str = "dev") -> list[dict]:
-    """MMBench-ru rows with an ``options`` dict (missing options dropped) and the image."""
+    """MMBench-ru rows with the prompt's ``options`` (``mmbench_prompt_options``) and the image.
+
+    Option texts and the hint stay as the file has them (a NaN hint becomes None): the prompt
+    is built from the raw fields, as lmms-eval builds it.
+    """
     ds = _load_hf(source, None, split)
     where = f"{source} [split {split}]"
     image_col = ds.select_columns(["image"]) if "image" in ds.column_names else None
@@ -187,13 +211,13 @@ def load_mmbench(source: str = MMBENCH_ID, split: str = "dev") -> list[dict]:
     records = []
     for i, rec in enumerate(table.to_list()):
         validate(rec, "mmbench_row.schema.json", where, i)
-        options = {k: str(rec[k]).strip() for k in "ABCD" if not is_missing(rec.get(k))}
+        options = mmbench_prompt_options(rec)
         if len(options) < 2:
             raise DataError(f"{where}, row {i}, field 'A'..'D': fewer than two options")
         if rec["answer"] not in options:
             raise DataError(f"{where}, row {i}, field 'answer': '{rec['answer']}' is not one of "
                             f"the options {sorted(options)}")
-        rec["hint"] = None if is_missing(rec.get("hint")) else str(rec["hint"]).strip()
+        rec["hint"] = None if isna(rec.get("hint")) else rec["hint"]  # raw, as the prompt uses it
         rec["options"] = options
         rec["id"] = str(rec["index"])
         rec["benchmark"] = "mmbench_ru"

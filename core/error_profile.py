@@ -19,9 +19,8 @@ from core.errors import (
     _missing,
     classify,
     load_rules,
-    mmbench_options,
 )
-from core.metrics import choice_style
+from core.metrics import choice_style, lmms_choices
 
 MAX_EXAMPLES = 3
 """Examples kept per label."""
@@ -189,7 +188,7 @@ class BenchmarkOptimizer:
                 )
             raw = sample.get("output")
             if benchmark == "mmbench_ru" and raw is not None:
-                style = styles.setdefault(choice_style(str(raw), mmbench_options(example)),
+                style = styles.setdefault(choice_style(str(raw), lmms_choices(example)),
                                           {"n": 0, "correct": 0})
                 style["n"] += 1
                 style["correct"] += not labels

@@ -22,7 +22,7 @@ from pathlib import Path
 from jsonschema import Draft202012Validator
 
 from core.exceptions import DataError
-from core.metrics import extract_choice, gqa_match
+from core.metrics import extract_choice, gqa_match, lmms_choices
 
 LABELS = ("format_mismatch", "counting", "color", "location", "missing_image", "other")
 CONTENT_LABELS = ("counting", "color", "location")
@@ -283,11 +283,12 @@ def classify(
     else:
         options = mmbench_options(example)
         gold = str(example["answer"]).strip()
-        choice = extract_choice(prediction, options)
+        # right and wrong as the headline scores them: lmms-eval's rule
+        choice = extract_choice(prediction, lmms_choices(example), mode="lmms")
         if choice == gold:
             return set()
         answer = options.get(gold, "")
-        format_issue = choice is None
+        format_issue = choice not in options  # no letter, or one the question does not offer
     if not image_ok:
         return {"missing_image"}
     labels = {"format_mismatch"} if format_issue else set()

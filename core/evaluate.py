@@ -5,10 +5,10 @@ lowercasing and deleting ASCII punctuation (``accuracy``: comparable to the publ
 plus a Russian-aware exact match (``accuracy_normalized``).
 
 MMBench-ru: lmms-eval's ``mmbench_ru_dev`` prompt (a blank line before the instruction),
-greedy, up to 1024 new tokens, cut at "ASSISTANT:", the letter extracted by rules
-(never a judge); circular accuracy over the rotated copies is the headline (comparable to
-56.65), per-row and per-category accuracy beside it. Unparseable answers are wrong (lmms-eval
-draws a random letter there). A second protocol, ``likelihood``, ranks the option *texts* by the
+greedy, up to 1024 new tokens, the letter read by lmms-eval's own rule (``can_infer``, never a
+judge); circular accuracy over the rotated copies is the headline (comparable to 56.65),
+per-row and per-category accuracy beside it. Answers the rule cannot read are wrong and
+counted (lmms-eval asks a GPT judge there); a lenient reading is reported beside, labelled. A second protocol, ``likelihood``, ranks the option *texts* by the
 model's length-normalised log-likelihood and needs no generation; it is reported as its own
 protocol.
 """
@@ -20,7 +20,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
-from core.data import load_image
+from core.data import isna, load_image
 from core.errors import classify
 from core.metrics import (
     ROTATION_BASE,
@@ -28,6 +28,7 @@ from core.metrics import (
     circular_accuracy,
     extract_choice,
     gqa_match,
+    lmms_choices,
     wilson_interval,
 )
 from core.oom import free_memory, is_oom
@@ -41,7 +42,8 @@ MODES = ("generate", "likelihood")
 LMMS_MAX_NEW_TOKENS = {"gqa_ru": 16, "mmbench_ru": 1024}
 """lmms-eval's ``generation_kwargs.max_new_tokens`` of ``gqa-ru`` and ``mmbench_ru_dev``."""
 LMMS_STOP = {"gqa_ru": [], "mmbench_ru": ["ASSISTANT:"]}
-"""lmms-eval's ``generation_kwargs.until`` (generation also stops on ``<|eot_id|>``)."""
+"""The task yamls' ``generation_kwargs.until``, recorded with the results; lmms-eval's
+``llava_hf`` never applies it (it stops on the tokenizer's eos only), so neither does this."""
 
 
 @dataclass
@@ -57,7 +59,7 @@ class EvalConfig:
     num_beams: int = 1
     repetition_penalty: float = 1.0
     stop_strings: list[str] = field(default_factory=list)
-    """Cut the answer at the first of these strings (e.g. "\\n", "."), besides lmms-eval's own."""
+    """Cut the answer at the first of these strings (e.g. "\\n", "."); lmms-eval cuts at none."""
     mode: str = "generate"
     """generate | likelihood (MMBench-ru only: rank option texts, no generation)."""
 
@@ -89,7 +91,8 @@ class EvalConfig:
         """A short name of the scoring protocol, shown next to every number."""
         if benchmark == "mmbench_ru" and self.mode == "likelihood":
             return "mmbench-ru option-text likelihood (its own protocol, not lmms-eval's)"
-        name = "gqa-ru exact match" if benchmark == "gqa_ru" else "mmbench-ru circular, rule-parsed letter"
+        name = ("gqa-ru exact match" if benchmark == "gqa_ru"
+                else "mmbench-ru circular, letter by lmms-eval's rule")
         lmms = self.is_lmms(benchmark)
         return f"{name} ({'lmms-eval prompt and decoding' if lmms else 'changed prompt/decoding'})"
 
@@ -108,19 +111,22 @@ def build_prompt(example: dict, config: EvalConfig) -> str:
 
     With the default config this is lmms-eval's text byte for byte: GQA-ru
     ``f"{question}{post_prompt}"`` with post_prompt "\\nОтветь одним словом."; MMBench-ru
-    ``f"{hint} {question} {options}"`` (no hint when it is missing or "nan"), then "\\n" and
-    the post_prompt "\\nВыбери правильный вариант ответа буквой.", so a blank line precedes
-    the instruction. A changed ``instruction`` takes the post_prompt's place.
+    ``mmbench_doc_to_text``: ``f"{hint} {question} {options}"`` from the raw fields (no hint
+    when it is None, NaN or "nan"; an empty hint still gives its space), ``{options}`` being
+    "There are several options:" and a line per shown option, trailing newlines stripped;
+    then "\\n" and the post_prompt "\\nВыбери правильный вариант ответа буквой.", so a blank
+    line precedes the instruction. A changed ``instruction`` takes the post_prompt's place.
     """
     if example["benchmark"] == "gqa_ru":
         return f"{example['question']}\n{config.instruction or GQA_INSTRUCTION}"
     hint = example.get("hint")
-    has_hint = hint is not None and str(hint) != "nan"
+    has_hint = not isna(hint) and hint != "nan"  # an empty hint is kept: " {question}"
     head = f"{hint} {example['question']}" if has_hint else example["question"]
     if config.mode == "likelihood":
         return f"{head}\n{config.instruction or GQA_INSTRUCTION}"
-    options = "\n".join(f"{k}. {v}" for k, v in sorted(example["options"].items()))
-    return f"{head}{config.option_header}\n{options}\n\n{config.instruction or MMB_INSTRUCTION}"
+    lines = "".join(f"{k}. {v}\n" for k, v in sorted(example["options"].items()))
+    options = f"{config.option_header}\n{lines}".rstrip("\n")  # create_options_prompt's rstrip
+    return f"{head}{options}\n\n{config.instruction or MMB_INSTRUCTION}"
 
 
 @dataclass
@@ -168,7 +174,7 @@ def evaluate(vlm, examples: list[dict], config: EvalConfig | None = None, *,
     if config.mode == "likelihood" and benchmark != "mmbench_ru":
         raise ValueError("mode='likelihood' is a MMBench-ru protocol; GQA-ru answers are open")
     max_new = config.max_new_tokens or _default_max(benchmark)
-    stops = LMMS_STOP[benchmark] + [s for s in config.stop_strings if s not in LMMS_STOP[benchmark]]
+    stops = list(config.stop_strings)  # lmms-eval's llava_hf applies no stop string
     prompts = [build_prompt(ex, config) for ex in examples]
     if prefix_cache:
         order = sorted(range(len(examples)), key=lambda i: (image_group(examples[i]), len(prompts[i])))
@@ -228,7 +234,7 @@ def _answer(vlm, config: EvalConfig, examples, prompts, idx, images, max_new, st
             prefix_cache):
     """Outputs (and, in likelihood mode, the chosen letters) for one batch."""
     if config.mode == "likelihood":
-        opts = [list(examples[i]["options"].values()) for i in idx]
+        opts = [[v.strip() for v in examples[i]["options"].values()] for i in idx]
         scores = vlm.option_logprobs([prompts[i] for i in idx], images, opts,
                                      prefix_cache=prefix_cache)
         letters = [list(examples[i]["options"])[max(range(len(s)), key=s.__getitem__)]
@@ -256,9 +262,12 @@ def _score(example: dict, prompt: str, output: str, letter: str | None, image_ok
                  "category": (example.get("types") or {}).get("detailed"),
                  "cluster": example.get("imageId")}
     else:
-        parsed = letter or extract_choice(output, example["options"])
+        # the headline reads the answer with lmms-eval's rule; the lenient reading goes beside it
+        parsed = letter or extract_choice(output, lmms_choices(example), mode="lmms")
         correct = parsed == example["answer"]
-        extra = {"index": int(example["index"]), "n_options": len(example["options"]),
+        lenient = letter or extract_choice(output, example["options"], mode="lenient")
+        extra = {"parsed_lenient": lenient, "correct_lenient": lenient == example["answer"],
+                 "index": int(example["index"]), "n_options": len(example["options"]),
                  "category": example.get("category"),
                  "cluster": int(example["index"]) % ROTATION_BASE}
     prediction = output if letter is None else letter
@@ -279,7 +288,10 @@ def summarize(benchmark: str, samples: list[dict]) -> dict:
 
     GQA-ru's interval is a cluster bootstrap over images (questions about one image are not
     independent); MMBench-ru's circular accuracy already counts one outcome per question
-    group, with a Wilson interval.
+    group, with a Wilson interval. MMBench-ru's answers are read by lmms-eval's rule;
+    ``unparseable`` counts the answers it reads no letter from (lmms-eval's judge would read
+    them; here they are wrong), and ``accuracy_lenient`` / ``per_row_lenient`` /
+    ``unparseable_lenient`` give the same outputs under the lenient reading, for comparison.
     """
     n_missing = sum(not s["image_ok"] for s in samples)
     if benchmark == "gqa_ru":
@@ -308,7 +320,17 @@ def summarize(benchmark: str, samples: list[dict]) -> dict:
             "per_row": row.value, "n_rows": row.n, "ci_per_row": [row.low, row.high],
             "unparseable": sum(s["parsed"] is None for s in samples),
             "incomplete_groups": circ["incomplete_groups"], "per_category": per_cat,
-            "images_missing": n_missing}
+            "images_missing": n_missing, **_lenient(samples)}
+
+
+def _lenient(samples: list[dict]) -> dict:
+    """MMBench-ru under the lenient reading (``extract_choice(mode="lenient")``), labelled: not
+    lmms-eval's rule, so never the headline; empty when the samples do not carry it."""
+    if not samples or not all("correct_lenient" in s for s in samples):
+        return {}
+    circ = circular_accuracy([{**s, "correct": s["correct_lenient"]} for s in samples])
+    return {"accuracy_lenient": circ["circular"], "per_row_lenient": circ["per_row"],
+            "unparseable_lenient": sum(s.get("parsed_lenient") is None for s in samples)}
 
 
 def _per_category(samples: list[dict]) -> dict:

@@ -1,14 +1,14 @@
-"""Scoring: GQA-ru exact match, MMBench-ru letter extraction, circular accuracy, intervals, paired tests.
+"""Scoring: GQA-ru exact match, circular accuracy, intervals, paired tests.
 
 `gqa_match(..., mode="lmms")` is the number comparable to published lmms-eval results;
 `mode="normalized"` is a Russian-aware exact match reported next to it (DESIGN section 5).
+MMBench-ru's letter extraction lives in ``core.choice`` and is re-exported here.
 Everything here is pure Python plus numpy, deterministic for a given seed.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import string
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
@@ -16,6 +16,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from core.choice import (  # noqa: F401  (re-exported: one place to import scoring from)
+    CHOICE_MODES,
+    choice_style,
+    extract_choice,
+    lmms_choices,
+)
 from core.stats import (  # noqa: F401  (re-exported: one place to import scoring from)
     PairedResult,
     cluster_bootstrap,
@@ -31,15 +37,6 @@ ROTATION_BASE = 1_000_000
 
 _ASCII_PUNCT_TABLE = str.maketrans("", "", string.punctuation)
 _COMBINING_ACUTE = "\u0301"
-_LOOKALIKES = {"А": "A", "В": "B", "С": "C"}
-_LETTER_RE = re.compile(r"[A-Da-dАВС]")
-_ANY_LETTER_RE = re.compile(r"[^\W\d_]")
-_LATIN_LOWER_RE = re.compile(r"[a-z]")
-_MARKER_TAIL = r"(?:\s+is|\s+это|\s*[:\-–—=])?)\s*[*(\[«\"']*\s*$"
-_STRONG_MARKER_RE = re.compile(
-    r"(?i:(?:ответ|answer|правильн\w*\s+(?:ответ|вариант)|вариант\s+ответа)" + _MARKER_TAIL
-)
-_WEAK_MARKER_RE = re.compile(r"(?i:(?:вариант|option)" + _MARKER_TAIL)
 
 
 def _is_punct(char: str) -> bool:
@@ -86,117 +83,6 @@ def gqa_match(prediction: str, answer: str, mode: str = "normalized") -> bool:
     if mode == "normalized":
         return normalize_answer(prediction) == normalize_answer(answer)
     raise ValueError(f"`mode` must be one of {', '.join(GQA_MODES)}, but got {mode!r}.")
-
-
-def _fold(text: str) -> str:
-    return " ".join(unicodedata.normalize("NFC", text).casefold().replace("ё", "е").split())
-
-
-def _standalone_letter(text: str, pos: int) -> bool:
-    """Whether the capital at `pos` reads as an option letter rather than part of a word."""
-    char = text[pos]
-    if pos > 0 and (text[pos - 1].isalnum() or text[pos - 1] == "_"):
-        return False
-    rest = text[pos + 1 :]
-    if rest and (rest[0].isalnum() or rest[0] == "_"):
-        return False
-    after_space = rest.lstrip()
-    gap = rest[: len(rest) - len(after_space)]
-    # A word after a space on the same line continues the sentence; a line break does not.
-    next_word_starts = bool(gap) and "\n" not in gap and bool(_ANY_LETTER_RE.match(after_space))
-    if char in _LOOKALIKES or char.islower():
-        # Cyrillic А/В/С are also words ("В центре", "А также", "С краю"), and a lowercase
-        # Latin "a" is an article: count them only when nothing word-like follows on the
-        # same footing.
-        if not rest:
-            return True
-        if rest[0] in ".):":
-            return len(rest) == 1 or rest[1].isspace() or rest[1] in "*»\"'"
-        return not next_word_starts
-    # Latin "A" followed by an English word is the article ("A cat sits ...").
-    return not (char == "A" and next_word_starts and _LATIN_LOWER_RE.match(after_space))
-
-
-def _letters(output: str, valid: set[str]) -> tuple[set[str], set[str], set[str]]:
-    """Option letters in `output`: after "Ответ:", after "Вариант", and without a marker."""
-    strong: set[str] = set()
-    weak: set[str] = set()
-    bare: set[str] = set()
-    for match in _LETTER_RE.finditer(output):
-        letter = _LOOKALIKES.get(match.group(), match.group()).upper()
-        if letter not in valid or not _standalone_letter(output, match.start()):
-            continue
-        before = output[: match.start()]
-        if _STRONG_MARKER_RE.search(before):
-            strong.add(letter)
-        elif _WEAK_MARKER_RE.search(before):
-            weak.add(letter)
-        else:
-            bare.add(letter)
-    return strong, weak, bare
-
-
-def _option_by_text(output: str, options: Mapping[str, str]) -> str | None:
-    text = _fold(output)
-    spans: dict[str, list[tuple[int, int]]] = {}
-    for letter, option in options.items():
-        needle = _fold(option).strip(string.punctuation + "«»“”„…")
-        if not needle:
-            continue
-        pattern = re.compile(rf"(?<!\w){re.escape(needle)}(?!\w)")
-        found = [m.span() for m in pattern.finditer(text)]
-        if found:
-            spans[letter] = found
-
-    def covered(letter: str) -> bool:
-        # "красный" inside "темно-красный" is not a mention of the shorter option.
-        return all(
-            any(
-                o != letter and s <= a and b <= e and (e - s) > (b - a)
-                for o in spans
-                for s, e in spans[o]
-            )
-            for a, b in spans[letter]
-        )
-
-    hits = [letter for letter in spans if not covered(letter)]
-    return hits[0] if len(hits) == 1 else None
-
-
-def extract_choice(output: str, options: Mapping[str, str]) -> str | None:
-    """The option letter a free-form answer picks, by rules only.
-
-    Letters count when they stand alone (`B`, `b`, `B.`, `B)`, `(B)`, `**B**`, `Ответ: B`);
-    Cyrillic А/В/С count as A/B/C unless they read as a word (`В центре ...`); lowercase
-    Cyrillic а/в are always words. A letter after "Ответ:" / "Правильный вариант" wins over
-    one after "Вариант", which wins over a bare letter; a bare letter different from the
-    marked one ("ответ B, но возможно C") makes the answer ambiguous.
-    Without a letter, the unique option text found as a whole phrase decides.
-
-    Args:
-        output: The model's generated text.
-        options: Option letters ("A".."D") mapped to their texts.
-
-    Returns:
-        The chosen letter, or None when there is none or the answer is ambiguous.
-    """
-    return _choose(output, options)[0]
-
-
-def choice_style(output: str, options: Mapping[str, str]) -> str:
-    """How a free-form answer names its option: ``"letter"`` (a letter decides, as in
-    ``extract_choice``), ``"text"`` (no letter; the unique option text decides) or ``"none"``."""
-    return _choose(output, options)[1]
-
-
-def _choose(output: str, options: Mapping[str, str]) -> tuple[str | None, str]:
-    strong, weak, bare = _letters(output, set(options))
-    for letters in (strong, weak, bare):
-        if letters:
-            chosen = letters | bare
-            return (next(iter(letters)), "letter") if len(chosen) == 1 else (None, "none")
-    letter = _option_by_text(output, options)
-    return letter, "text" if letter else "none"
 
 
 def _group_key(row: Mapping) -> int:

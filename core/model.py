@@ -1,9 +1,16 @@
 """Load a LLaVA model for evaluation and training, generate answers, score options.
 
 The real model is ``deepvk/llava-saiga-8b``: a plain ``LlavaForConditionalGeneration`` (no
-remote code) whose chat template is the tokenizer's Llama-3 template. Generation stops on
-``<|eot_id|>``: the config's text eos is ``<|end_of_text|>``, and stopping only on that leaks
-"assistant" headers into answers.
+remote code) whose chat template is the tokenizer's Llama-3 template.
+
+Inputs and stopping are what lmms-eval's ``llava_hf`` (``lmms_eval/models/simple/llava_hf.py``
+and ``chat/llava_hf.py`` at commit 75571cfe) gives the model: the processor's default
+``add_special_tokens`` (``core.processor.EVAL_ADD_SPECIAL_TOKENS``: a second
+``<|begin_of_text|>`` from a Llama-3 tokenizer), and generation stopped by the tokenizer's
+``eos_token_id`` alone (``<|eot_id|>`` in Saiga's tokenizer), the task yaml's ``until`` never
+applied. One difference: when a tokenizer's eos is not ``<|eot_id|>``, generation stops on
+``<|eot_id|>`` too, because the config's text eos ``<|end_of_text|>`` comes after it and an
+answer running on past its turn would carry the next "assistant" header's text.
 """
 
 from __future__ import annotations
@@ -14,13 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from core.exceptions import UserError
-from core.processor import IMAGE_PLACEHOLDER, image_token_count, user_message
+from core.processor import (
+    EVAL_ADD_SPECIAL_TOKENS,
+    IMAGE_PLACEHOLDER,
+    image_token_count,
+    user_message,
+)
 
 log = logging.getLogger(__name__)
 
 SAIGA_MODEL_ID = "deepvk/llava-saiga-8b"
 EOT_TOKEN = "<|eot_id|>"
-END_OF_TEXT = "<|end_of_text|>"
 
 
 @dataclass
@@ -49,9 +60,9 @@ class VLM:
         self.adapters: dict[str, str] = {}
         self.active_adapter: str | None = None
         self.tokenizer.padding_side = "left"
-        self.stop_ids = [i for i in (self.tokenizer.convert_tokens_to_ids(EOT_TOKEN),
-                                     self.tokenizer.convert_tokens_to_ids(END_OF_TEXT))
-                         if i is not None and i != self.tokenizer.unk_token_id]
+        ids = (self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids(EOT_TOKEN))
+        self.stop_ids = list(dict.fromkeys(
+            i for i in ids if i is not None and i != self.tokenizer.unk_token_id))
         self.n_image_tokens = image_token_count(processor)
         self.prefill_positions = 0
         """Token positions run through the model in prefill so far (padding included)."""
@@ -69,7 +80,7 @@ class VLM:
 
     def _inputs(self, prompts: list[str], images: list) -> dict:
         out = self.processor(text=prompts, images=images, return_tensors="pt", padding=True,
-                             add_special_tokens=False)
+                             add_special_tokens=EVAL_ADD_SPECIAL_TOKENS)
         return {k: v.to(self.device) for k, v in out.items()}
 
     # ------------------------------------------------------------ generation

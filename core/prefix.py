@@ -27,7 +27,7 @@ import hashlib
 import inspect
 import logging
 
-from core.processor import IMAGE_PLACEHOLDER
+from core.processor import EVAL_ADD_SPECIAL_TOKENS, IMAGE_PLACEHOLDER
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def encode_rows(vlm, prompts: list[str], images: list):
     owners = [index[k] for k in keys]
     first_row = [keys.index(k) for k in distinct]
     expanded = [p.replace(IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER * vlm.n_image_tokens) for p in prompts]
-    rows = vlm.tokenizer(expanded, add_special_tokens=False)["input_ids"]
+    rows = vlm.tokenizer(expanded, add_special_tokens=EVAL_ADD_SPECIAL_TOKENS)["input_ids"]
     pixels = vlm.processor.image_processor([images[i] for i in first_row],
                                            return_tensors="pt")["pixel_values"]
     return rows, owners, first_row, pixels

@@ -17,6 +17,11 @@ from typing import Any
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
+EVAL_ADD_SPECIAL_TOKENS = True
+"""Evaluation prompts are tokenized as lmms-eval's ``llava_hf`` tokenizes them: the chat
+template's text through the processor with its default ``add_special_tokens=True``. A Llama-3
+tokenizer's post-processor then adds ``<|begin_of_text|>`` before the template's own, so the
+model sees two; training inputs (below) keep the template's single one."""
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 Scoring starts again from each line's raw answer (``output``) and ``target``: GQA-ru is
 matched under both exact-match modes, MMBench-ru's letter is parsed again from the answer and
-its options (likelihood answers keep the letter the likelihood chose), and everything is
+its options by lmms-eval's rule, and by the lenient reading beside it (likelihood answers keep
+the letter the likelihood chose), and everything is
 aggregated by ``core.evaluate.summarize``. The same mode as the evaluation gives the same
 numbers; ``mode`` says which metric is the headline. Error labels are kept from the
 evaluation: a line that becomes correct loses them, and one that becomes wrong has none
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from core.exceptions import DataError
 from core.jsonl import jsonl_values
-from core.metrics import extract_choice, gqa_match
+from core.metrics import extract_choice, gqa_match, lmms_choices
 
 MODES = {"gqa_ru": {"lmms": "exact_match", "normalized": "exact_match_normalized"},
          "mmbench_ru": {"circular": "circular_accuracy", "per_row": "per_row_accuracy"}}
@@ -90,10 +91,15 @@ def rescore(benchmark: str, lines: list[dict]) -> list[dict]:
             s["cluster"] = s["cluster"] if s["cluster"] is not None else line["image_id"]
         else:
             if line["output_type"] == "generate_until" and line.get("options"):
-                s["parsed"] = extract_choice(line["output"], line["options"])
+                # the line keeps the prompt's options: the same choices lmms-eval reads unless
+                # a row stores a missing option as the string "nan" or ""
+                s["parsed"] = extract_choice(line["output"], lmms_choices(line), mode="lmms")
+                s["parsed_lenient"] = extract_choice(line["output"], line["options"],
+                                                     mode="lenient")
             else:
-                s["parsed"] = line["parsed"]
+                s["parsed"] = s["parsed_lenient"] = line["parsed"]
             s["correct"] = s["parsed"] == line["target"]
+            s["correct_lenient"] = s["parsed_lenient"] == line["target"]
             s["index"] = line["index"]
             if line.get("n_options") is not None:
                 s["n_options"] = line["n_options"]

@@ -28,7 +28,8 @@ DATASETS = {
     "mmbench_ru": {"type": "deepvk/MMBench-ru", "name": "MMBench-ru", "config": None,
                    "split": "dev", "task": "visual-question-answering",
                    "task_name": "Multiple-choice visual question answering",
-                   "metric": "circular accuracy, lmms-eval mmbench_ru_dev protocol",
+                   "metric": "circular accuracy, lmms-eval mmbench_ru_dev protocol (answers "
+                             "read by its can_infer rule, no GPT judge: unread answers wrong)",
                    "unit": "question groups"},
 }
 TAGS = ["lora", "peft", "llava", "vision-language", "russian", "gqa-ru", "mmbench-ru"]

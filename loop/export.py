@@ -197,8 +197,12 @@ def model_card(report: Report, adapter: dict[str, Any], results: dict[str, Any],
               "between this adapter and the base model on the same final questions. A protocol that says 'lmms-eval prompt and decoding' "
               "matches the lmms-eval tasks behind the published scores; any other protocol is "
               "its own measurement and is not comparable with them.",
-              "- MMBench-ru: lmms-eval replaces an unparseable letter by a random one; here it "
-              "counts as wrong.",
+              "- MMBench-ru: answers are read by lmms-eval's own rule (its `can_infer`). Where "
+              "that rule reads no letter, lmms-eval asks a GPT judge (and draws a random letter "
+              "when the judge fails); here such an answer counts as wrong, so the number is at "
+              "most what lmms-eval would report for the same outputs. A lenient Russian-aware "
+              "reading is given beside it for comparison only; it is not the published "
+              "protocol's." + _mmbench_detail(report),
               "- The card's metadata (YAML header) names the base model, the library (peft) and, "
               "in `model-index`, the champion's final numbers under the exact lmms-eval protocol "
               "with n, the 95% interval and p against the base model."
@@ -241,3 +245,9 @@ def _code(value: Any) -> list[str]:
     """A JSON value as an indented Markdown code block (no fence a value could close)."""
     text = json.dumps(value, ensure_ascii=False, indent=2, default=str)
     return ["    " + line for line in text.splitlines()]
+
+
+def _mmbench_detail(report: Report) -> str:
+    """The champion's MMBench-ru breakdown on final (per row, unread answers, lenient reading)."""
+    champ = (report.headline.get("mmbench_ru") or {}).get("champion") or {}
+    return f" On final: {md_cell(champ['detail'])}." if champ.get("detail") else ""

@@ -38,9 +38,13 @@ ROLES = (("baseline", "base model"), ("champion", "champion's adapter"),
          ("deployed", "champion with its settings (deployment)"))
 RUN_KEYS = {"baseline": "baseline", "champion": "final", "deployed": "final_deployed"}
 UNPARSEABLE_NOTE = ("MMBench-ru: n counts question groups, each right only if every rotated "
-                    "copy is. lmms-eval replaces an answer whose letter cannot be parsed by a "
-                    "random letter; this project counts it as wrong, so the same outputs score "
-                    "slightly lower here.")
+                    "copy is. Answers are read by lmms-eval's own rule (MMBench_Evaluator."
+                    "can_infer). Where that rule reads no letter, lmms-eval asks a GPT judge "
+                    "and draws a random letter when the judge fails; this project counts those "
+                    "answers wrong, so on the same outputs its number is at most lmms-eval's. "
+                    "Each MMBench-ru number says how many answers that was, and gives the same "
+                    "outputs' score under a lenient Russian-aware reading (Cyrillic letters, "
+                    "**B**, «Ответ: B», option texts), which is not lmms-eval's.")
 DEMO_NOTE = ("This run used the demo preset: a tiny model on a synthetic Russian world. Its "
              "numbers show that the loop works end to end; they are not comparable with the "
              "published scores at all.")
@@ -145,7 +149,12 @@ def _measure(ev: dict | None, run: dict, role: str, bench: str,
         detail = f"Russian-aware match {format_pct(m['accuracy_normalized'], m.get('ci_normalized'))}"
     elif "per_row" in m:
         detail = (f"per row {format_pct(m['per_row'], m.get('ci_per_row'))} of "
-                  f"{m.get('n_rows')} rows, {m.get('unparseable', 0)} unparseable")
+                  f"{m.get('n_rows')} rows, {m.get('unparseable', 0)} answers unread by the "
+                  "lmms-eval rule (counted wrong)")
+        if m.get("accuracy_lenient") is not None:
+            detail += (f"; lenient reading (not the lmms-eval rule): "
+                       f"{format_pct(m['accuracy_lenient'])} circular, "
+                       f"{m.get('unparseable_lenient', 0)} unread")
     return {"accuracy": m["accuracy"], "n": n, "ci": ci, "protocol": ev["protocol"],
             "split": ev["split"], "adapter_id": ev["adapter_id"], "detail": detail,
             **_comparability(ev["protocol"], demo)}

@@ -199,7 +199,8 @@ def test_mmbench_options_drop_missing_and_prefer_options_dict():
     assert mmbench_options(PET) == ANIMALS
     record = dict(PET, options={"A": "да", "B": "нет", "C": None})
     assert mmbench_options(record) == {"A": "да", "B": "нет"}
-    assert classify("mmbench_ru", dict(record, answer="A"), "да") == set()
+    # right and wrong follow lmms-eval's reading of the raw columns, as the headline does
+    assert classify("mmbench_ru", dict(record, A="да", B="нет", C=None, answer="A"), "да") == set()
     assert mmbench_options({"A": " один ", "B": None, "C": "", "D": "NaN"}) == {"A": "один"}
 
 

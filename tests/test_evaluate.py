@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from core.evaluate import EvalConfig, build_prompt, evaluate
+from tests.lmms_reference.mmbench_ru import lmms_prompt
 
 
 def _gqa(i: int, answer: str = "да", image=True) -> dict:
@@ -58,26 +59,13 @@ def test_prompts_are_lmms_evals_byte_for_byte(example, expected):
     assert build_prompt(example, EvalConfig()) == expected
 
 
-def _lmms_eval_mmbench_doc_to_text(doc: dict) -> str:
-    # lmms-eval's ru_utils.mmbench_doc_to_text and create_options_prompt, restated on a doc.
-    options_prompt = "There are several options:\n"
-    for key in sorted(set(doc) & {"A", "B", "C", "D", "E"}):
-        if doc[key] and doc[key] != "nan":
-            options_prompt += f"{key}. {doc[key]}\n"
-    options_prompt = options_prompt.rstrip("\n")
-    hint = doc["hint"]
-    query = (f"{hint} {doc['question']} {options_prompt}" if hint is not None and hint != "nan"
-             else f"{doc['question']} {options_prompt}")
-    return f"{query}\n" + "\nВыбери правильный вариант ответа буквой."
-
-
 @pytest.mark.parametrize("hint", [None, "nan", "Подсказка: фигура одна."])
 @pytest.mark.parametrize("n_options", [2, 3, 4])
 def test_mmbench_prompt_matches_lmms_evals_function(hint, n_options):
     options = dict(zip("ABCD", ["красный", "синий", "зелёный", "жёлтый"][:n_options]))
-    doc = {"question": "Какого цвета фигура?", "hint": hint, **options}
-    assert build_prompt(_mmb(3, options, "A", hint=hint), EvalConfig()) == (
-        _lmms_eval_mmbench_doc_to_text(doc))
+    doc = {"index": 3, "question": "Какого цвета фигура?", "hint": hint, "answer": "A",
+           "category": "color", "l2-category": "x", "source": "t", "split": "dev", **options}
+    assert build_prompt(_mmb(3, options, "A", hint=hint), EvalConfig()) == lmms_prompt(doc)
 
 
 def test_lmms_protocol_is_named_and_changes_are_not():
@@ -92,7 +80,7 @@ def test_lmms_protocol_is_named_and_changes_are_not():
     assert "lmms-eval prompt and decoding" in config.protocol("mmbench_ru")
 
 
-def test_mmbench_generation_uses_lmms_evals_limit_and_stop(tiny_vlm, monkeypatch):
+def test_mmbench_generation_uses_lmms_evals_limit_and_no_stop_string(tiny_vlm, monkeypatch):
     seen = {}
 
     def fake_generate(prompts, images, **kwargs):
@@ -102,7 +90,8 @@ def test_mmbench_generation_uses_lmms_evals_limit_and_stop(tiny_vlm, monkeypatch
     monkeypatch.setattr(tiny_vlm, "generate", fake_generate)
     ex = _mmb(1, {"A": "красный", "B": "синий"}, "B")
     result = evaluate(tiny_vlm, [ex], progress=False)
-    assert seen["max_new_tokens"] == 1024 and seen["stop_strings"] == ["ASSISTANT:"]
+    # the yaml's until ("ASSISTANT:") is not applied: lmms-eval's llava_hf never applies it
+    assert seen["max_new_tokens"] == 1024 and seen["stop_strings"] is None
     assert result.samples[0]["cluster"] == 1
     gqa = evaluate(tiny_vlm, [_gqa(2)], progress=False)
     assert seen["max_new_tokens"] == 16 and not seen["stop_strings"]
@@ -211,3 +200,19 @@ def test_mmbench_per_row_interval_counts_question_groups_not_rows():
     low, high = m["ci_per_row"]
     w_low, w_high = wilson_interval(40, 80)
     assert high - low > 1.5 * (w_high - w_low)
+
+
+def test_mmbench_answers_are_not_cut_at_assistant_as_llava_hf_applies_no_until():
+    from core.model import _cut
+
+    class Stub:  # a model that runs on past its answer, as far as the stop strings allow
+        prefill_positions = 0
+
+        def generate(self, texts, images, *, stop_strings=None, **kwargs):
+            return [_cut("B\nASSISTANT: C", stop_strings) if stop_strings else "B\nASSISTANT: C"
+                    for _ in texts]
+
+    example = _mmb(5, {"A": "красный", "B": "синий", "C": "зелёный"}, "B")
+    [sample] = evaluate(Stub(), [example], progress=False, prefix_cache=False).samples
+    assert sample["output"] == "B\nASSISTANT: C"
+    assert sample["parsed"] is None  # two bare letters: lmms-eval would ask its judge

@@ -84,6 +84,9 @@ def test_export_writes_peft_files_card_report_and_results(db, tmp_path, capsys):
     assert "| gqa_ru | 20.0% [0.0, 40.0] | 80.0% [60.0, 100.0] | +60.0 points | - | 10 |" in card
     assert GQA_LMMS in card and MMB_LIKELIHOOD in card and "51.44%" in card
     assert "## How it was measured" in card and "## Limitations" in card
+    # MMBench-ru: lmms-eval's answer rule, the unread answers counted, the lenient reading labelled
+    assert "it is not the published protocol's. On final: per row" in card
+    assert "answers unread by the lmms-eval rule (counted wrong)" in card
     assert '"rank": 16' in card and "llava_instruct_ru" in card  # training config and data
     assert "not the champion" not in card
 

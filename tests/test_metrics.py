@@ -97,7 +97,8 @@ def test_normalize_answer(text, expected):
 
 
 # ---------------------------------------------------------------------------
-# extract_choice
+# extract_choice(mode="lenient"): the labelled Russian-aware reading beside the headline
+# (mode="lmms", lmms-eval's own rule, is tested against lmms-eval's code in test_choice_lmms.py)
 # ---------------------------------------------------------------------------
 
 COLOURS = {"A": "красный", "B": "зелёный", "C": "синий", "D": "жёлтый"}
@@ -182,8 +183,8 @@ EXTRACT_CASES = [
 
 
 @pytest.mark.parametrize(("output", "options", "expected"), EXTRACT_CASES)
-def test_extract_choice(output, options, expected):
-    assert extract_choice(output, options) == expected
+def test_extract_choice_lenient(output, options, expected):
+    assert extract_choice(output, options, mode="lenient") == expected
 
 
 @pytest.mark.parametrize(("output", "style"), [
@@ -192,8 +193,8 @@ def test_extract_choice(output, options, expected):
     ("A или B", "none"), ("красный или синий", "none"), ("Не знаю", "none"), ("", "none"),
 ])
 def test_choice_style_says_how_the_answer_named_its_option(output, style):
-    assert choice_style(output, COLOURS) == style
-    assert (extract_choice(output, COLOURS) is None) == (style == "none")
+    assert choice_style(output, COLOURS, mode="lenient") == style
+    assert (extract_choice(output, COLOURS, mode="lenient") is None) == (style == "none")
 
 
 def test_extract_choice_never_reads_a_lowercase_preposition_as_b():
@@ -204,8 +205,9 @@ def test_extract_choice_never_reads_a_lowercase_preposition_as_b():
         "В комнате темно",
         "В углу стоит зеленый стул",
     ]
-    assert all(extract_choice(s, COLOURS) != "B" or "зелен" in s for s in sentences)
-    assert extract_choice("В углу стоит зеленый стул", COLOURS) == "B"  # by option text
+    assert all(extract_choice(s, COLOURS, mode="lenient") != "B" or "зелен" in s
+               for s in sentences)
+    assert extract_choice("В углу стоит зеленый стул", COLOURS, mode="lenient") == "B"  # by text
 
 
 # ---------------------------------------------------------------------------

@@ -75,6 +75,39 @@ def test_special_tokens_sit_at_llama_3_ids(saiga_vlm):
     assert 128009 in saiga_vlm.stop_ids
 
 
+# ---------------------------------------------------------------- what lmms-eval's llava_hf feeds
+
+QUESTION = "Какого цвета круг?\nОтветь одним словом."
+
+
+def test_tokenizer_adds_begin_of_text_like_llama_3(saiga_vlm):
+    tok = saiga_vlm.tokenizer
+    assert tok(QUESTION)["input_ids"][0] == 128000
+    assert 128000 not in tok(QUESTION, add_special_tokens=False)["input_ids"]
+
+
+def test_evaluation_feeds_llava_hf_ids_with_two_begin_of_text(saiga_vlm):
+    from core.prefix import encode_rows
+    from tests.lmms_reference.llava_hf import llava_hf_inputs
+
+    prompt = saiga_vlm.chat_prompt(QUESTION)
+    ours = saiga_vlm._inputs([prompt], [_image()])["input_ids"][0].tolist()
+    theirs = llava_hf_inputs(saiga_vlm.tokenizer, saiga_vlm.processor, QUESTION,
+                             [_image()])["input_ids"][0].tolist()
+    assert ours == theirs
+    # the chat template's <|begin_of_text|>, then the tokenizer's own: two, as llava_hf has
+    assert ours[:3] == [128000, 128000, 128006] and ours.count(128000) == 2
+    assert encode_rows(saiga_vlm, [prompt], [_image()])[0][0] == theirs  # the prefix-cache path
+    # training keeps the template's single one
+    train = encode_conversation(saiga_vlm.processor, _image(), [(QUESTION, "красный")])
+    assert train.input_ids[:2] == [128000, 128006]
+
+
+def test_generation_stops_on_the_tokenizers_eos_alone_as_llava_hf(saiga_vlm):
+    # llava_hf: eos_token_id=self.tokenizer.eos_token_id, and the task's `until` is never used
+    assert saiga_vlm.stop_ids == [saiga_vlm.tokenizer.eos_token_id] == [128009]
+
+
 # ---------------------------------------------------------------- loading fixes
 
 def test_legacy_keys_load_into_every_weight(saiga_dir, saiga_vlm):
@@ -224,6 +257,27 @@ def test_generation_stops_on_eot_without_assistant_text(world):
 
 
 @pytest.mark.slow
+def test_exact_protocol_answers_equal_llava_hfs_one_question_at_a_time(world):
+    from core.data import load_gqa, load_image, load_mmbench
+    from core.evaluate import LMMS_MAX_NEW_TOKENS, EvalConfig, build_prompt, evaluate
+    from core.model import load_vlm
+    from tests.lmms_reference.llava_hf import llava_hf_generate
+
+    vlm = load_vlm(world.model_dir)
+    gqa = load_gqa(str(world.data_dir / "GQA-ru"), "testdev")[:4]
+    mmb = load_mmbench(str(world.data_dir / "MMBench-ru"))[:4]
+    for examples in (gqa, mmb):
+        ours = evaluate(vlm, examples, batch_size=1, progress=False, prefix_cache=False)
+        for example, sample in zip(examples, ours.samples):
+            limit = LMMS_MAX_NEW_TOKENS[example["benchmark"]]
+            text, ids = llava_hf_generate(vlm.model, vlm.tokenizer, vlm.processor,
+                                          build_prompt(example, EvalConfig()),
+                                          [load_image(example)[0]], limit)
+            assert sample["output"] == text.strip()  # mmbench_process_results strips
+            assert ids[-1] == 128009 or len(ids) == limit  # stopped on <|eot_id|> alone
+
+
+@pytest.mark.slow
 def test_eval_cli_both_benchmarks_and_modes(world, capsys):
     from loop.cli import main
 
@@ -257,8 +311,8 @@ def test_nf4_loading_on_cpu(world):
 def test_testdev_asks_gqa_many_questions_per_image_and_the_prefix_cache_agrees(world):
     from collections import Counter
 
-    from core.data import load_gqa
-    from core.evaluate import evaluate
+    from core.data import load_gqa, load_image
+    from core.evaluate import EvalConfig, build_prompt, evaluate
     from core.model import load_vlm
 
     testdev = load_gqa(str(world.data_dir / "GQA-ru"), "testdev")
@@ -275,3 +329,34 @@ def test_testdev_asks_gqa_many_questions_per_image_and_the_prefix_cache_agrees(w
     assert [s["output"] for s in cached.samples] == [s["output"] for s in plain.samples]
     assert (plain.metrics["prefill_tokens_per_sample"]
             >= 5 * cached.metrics["prefill_tokens_per_sample"])
+    # saiga-tiny answers few distinct words, so equal answers alone prove little: the first
+    # token's logits must agree too, row by row
+    rows = [q for q in testdev if q["imageId"] in sorted(per_image)[:2]][:24]
+    texts = [build_prompt(q, EvalConfig()) for q in rows]
+    images = [load_image(q)[0] for q in rows]
+    with_cache, logits_cache = _first_token_logits(vlm, texts, images, prefix_cache=True)
+    without, logits_plain = _first_token_logits(vlm, texts, images, prefix_cache=False)
+    gap = float((logits_cache - logits_plain).abs().max())
+    assert with_cache == without
+    assert gap < 1e-3, f"first-token logits differ by up to {gap:.2e}"
+    assert float(logits_plain.std(dim=0).max()) > 10 * gap  # rows differ far more than paths
+
+
+def _first_token_logits(vlm, texts, images, *, prefix_cache):
+    """``vlm.generate``'s answers and the raw logits of each row's first new token."""
+    import torch
+
+    captured = []
+    original = vlm.model.generate
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs, output_logits=True, return_dict_in_generate=True)
+        captured.append(out.logits[0].float())
+        return out.sequences
+
+    vlm.model.generate = spy
+    try:
+        answers = vlm.generate(texts, images, max_new_tokens=4, prefix_cache=prefix_cache)
+    finally:
+        del vlm.model.generate
+    return answers, torch.cat(captured)

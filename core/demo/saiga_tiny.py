@@ -27,7 +27,7 @@ from core.demo.world import DemoWorld
 
 log = logging.getLogger(__name__)
 
-VERSION = 2
+VERSION = 3
 VOCAB_SIZE = 128320
 BPE_SIZE = 3000
 SPECIAL_IDS = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001,
@@ -102,7 +102,12 @@ def _big(img):
 
 
 def build_tokenizer(corpus: list[str]):
-    """A small byte-level BPE padded with reserved tokens, Llama-3's special tokens at their ids."""
+    """A small byte-level BPE padded with reserved tokens, Llama-3's special tokens at their ids.
+
+    Like Llama-3's ``tokenizer.json``, its post-processor (ByteLevel, then TemplateProcessing)
+    puts ``<|begin_of_text|>`` in front of every text encoded with special tokens, so a chat
+    template that writes its own BOS gets a second one unless ``add_special_tokens=False``.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -122,6 +127,7 @@ def build_tokenizer(corpus: list[str]):
     spec["added_tokens"] = [{"id": 128000 + k, "content": t, "single_word": False,
                              "lstrip": False, "rstrip": False, "normalized": False,
                              "special": True} for k, t in enumerate(added)]
+    spec["post_processor"] = _llama3_post_processor()
     fast = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<|begin_of_text|>",
         eos_token="<|eot_id|>", pad_token="<pad>", model_max_length=8192, padding_side="left")
@@ -129,6 +135,22 @@ def build_tokenizer(corpus: list[str]):
     for token, i in SPECIAL_IDS.items():
         assert fast.convert_tokens_to_ids(token) == i, token
     return fast
+
+
+def _llama3_post_processor() -> dict:
+    """Llama-3's post-processor: BOS before a text (and before each of a pair), offsets kept."""
+    bos = "<|begin_of_text|>"
+
+    def piece(kind: str, name: str, type_id: int) -> dict:
+        return {kind: {"id": name, "type_id": type_id}}
+
+    return {"type": "Sequence", "processors": [
+        {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+        {"type": "TemplateProcessing",
+         "single": [piece("SpecialToken", bos, 0), piece("Sequence", "A", 0)],
+         "pair": [piece("SpecialToken", bos, 0), piece("Sequence", "A", 0),
+                  piece("SpecialToken", bos, 1), piece("Sequence", "B", 1)],
+         "special_tokens": {bos: {"id": bos, "ids": [SPECIAL_IDS[bos]], "tokens": [bos]}}}]}
 
 
 def build_model(tokenizer, seed: int):

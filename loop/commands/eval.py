@@ -207,6 +207,9 @@ def render(out: dict) -> str:
     else:
         rows.append(["circular accuracy", pct(out["accuracy"]), ci(out["ci"]), out["n"]])
         rows.append(["per-row accuracy", pct(out["per_row"]), ci(out["ci_per_row"]), out["n_rows"]])
+        if out.get("accuracy_lenient") is not None:
+            rows.append(["circular, lenient reading (not lmms-eval's)",
+                         pct(out["accuracy_lenient"]), "", out["n"]])
         cats = [[c, pct(v["circular"]), f"per row {pct(v['per_row'])}", v["n_groups"]]
                 for c, v in out["per_category"].items()]
     lines = [format_table(["", ""], head).split("\n", 2)[-1], "",
@@ -216,6 +219,9 @@ def render(out: dict) -> str:
              f"tokens/question, {out['seconds']:.1f} s; images missing: "
              f"{out['images_missing']}"]
     if out["benchmark"] == "mmbench_ru":
-        lines.append(f"unparseable answers (counted wrong): {out['unparseable']}; "
+        lines.append(f"answers lmms-eval's rule cannot read (counted wrong; lmms-eval asks a "
+                     f"GPT judge): {out['unparseable']}"
+                     + (f" (lenient reading: {out['unparseable_lenient']})"
+                        if out.get("unparseable_lenient") is not None else "") + "; "
                      f"incomplete rotation groups: {out['incomplete_groups']}")
     return "\n".join(lines)
