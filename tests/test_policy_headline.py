@@ -9,6 +9,8 @@ never fails for lack of time.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import strategies
@@ -122,3 +124,25 @@ def test_what_the_policy_lets_through_never_fails_for_lack_of_time(name, tmp_pat
         assert not (fits and for_time), f"{left} s left: estimate fits but {failed}"
         seen.add(fits)
     assert seen == {True, False}  # the sweep crosses the strategy's threshold
+
+
+def test_cycles_that_end_for_lack_of_time_say_why_in_the_log(tmp_path, capsys):
+    import argparse
+
+    from loop.commands import log
+    from loop.controller import Loop, RunConfig
+    from loop.store import Store
+
+    _, _, ranking = _choose([], left=65)
+    with Store(tmp_path / "e.db") as store:
+        run_id = store.create_run(config={"objective": "benchmark"}, environment={},
+                                  budget_s=300, preset="demo", gpu="cpu")
+        loop = Loop(RunConfig(budget_s=300, preset="demo"), store, echo=lambda msg: None)
+        loop.run_id = run_id
+        loop.end_cycles(3, stop_reason(ranking, 65), 65, ranking)
+        stored = store.proposal(run_id, 3, "cycles-end")["payload"]
+        assert stored["time_left_s"] == 65 and stored["reason"].startswith("no strategy fits")
+    log.run(argparse.Namespace(db=str(tmp_path / "e.db"), json=True))
+    (run,) = json.loads(capsys.readouterr().out)["runs"]
+    assert run["cycles_ended"] == stop_reason(ranking, 65)
+    assert "answer_format_sft: needs ~3 min, 65 s left" in run["cycles_ended"]
