@@ -21,7 +21,7 @@ from core.exceptions import UserError
 from loop import hpo_share
 from loop.budget import Budget, CostModel, fmt_s, priors
 from loop.decision import OBJECTIVES, comparisons_made, judge, paired_scores
-from loop.policy import Choice, choose
+from loop.policy import DISTILLER, Choice, choose, stop_reason
 from loop.trackers import TRACKERS, RunReporter, Tracker, check, open_tracker
 from loop.workbench import Scored, Workbench
 from strategies.base import (
@@ -307,16 +307,27 @@ class Loop:
                 log.warning("%s cannot estimate its cost, leaving it out: %s", name, exc)
                 self.blocked.add(name)
                 self.save_strategy_sets()
+        distiller = DISTILLER in costs and DISTILLER not in self.exhausted | self.blocked
+        ranking: list[dict] = []
         choice = choose(profiles, self.history, costs, time_left, self.exhausted | self.blocked,
-                        objective=cfg.objective)
+                        objective=cfg.objective, ranking_out=ranking,
+                        follow_up_s=strategies.get(DISTILLER).least_seconds(ctx)
+                        if distiller else None)
         if choice is None:
-            self.echo(f"no strategy fits in the {fmt_s(time_left)} left "
-                      "before the reserve; going to the final evaluation")
+            self.end_cycles(index, stop_reason(ranking, time_left), time_left, ranking)
             return None
         choice.profiles, choice.time_left_s = profiles, time_left
         self.store.save_proposal(self.run_id, index, "choice",
                                  {**choice.to_dict(), "time_left_s": time_left})
         return choice
+
+    def end_cycles(self, index: int, reason: str, time_left: float, ranking: list[dict]) -> None:
+        """Nothing fits: the cycles end here, and the record says why."""
+        if self.store.proposal(self.run_id, index, "cycles-end") is None:
+            self.store.save_proposal(self.run_id, index, "cycles-end",
+                                     {"reason": reason, "time_left_s": round(time_left, 1),
+                                      "ranking": ranking})
+        self.echo(f"{reason}; going to the final evaluation")
 
     def cycle(self, choice, champion: Candidate, scores: dict[str, Scored]):
         """Propose, evaluate on dev, judge with paired tests, record; returns the champion."""

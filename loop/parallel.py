@@ -7,7 +7,9 @@ records and prints the gathered evaluation (``core.distributed``).
 database, trains, decides and writes reports and adapters. The other processes only serve its
 evaluations: before each one rank 0 sends what to evaluate (benchmark, prompt and decoding
 settings, adapter folder, question ids), then every process answers its shard and rank 0 gets
-the gathered result. While rank 0 trains, the others wait (on the CPU). Adapter folders must
+the gathered result. Questions that are not benchmark records (a strategy's own, such as
+context distillation's training questions) travel whole: their fields and their image (a path
+or the decoded picture), so every process answers the same questions. While rank 0 trains, the others wait (on the CPU). Adapter folders must
 be readable by every process (one box, or a shared filesystem).
 """
 
@@ -52,7 +54,32 @@ def announce(bench, benchmark: str, config, adapter_path: str | None,
         "setup": {"sources": bench.sources, "profile": bench.profile,
                   "batch_size": bench.batch_size, "prefix_cache": bench.prefix_cache},
         "benchmark": benchmark, "config": config.to_dict(), "adapter": adapter_path,
-        "ids": [e["id"] for e in examples]})
+        **questions_message(examples, bench.examples.get(benchmark, []))})
+
+
+def questions_message(examples: list[dict], records: list[dict]) -> dict:
+    """What tells another process which questions to answer: ``{"ids": [...]}`` when they all
+    are ``records`` (every process loaded them), else ``{"examples": [...]}`` with each
+    question's fields and its image value (a path, bytes or a picture: no loader functions)."""
+    known = {id(e) for e in records}
+    if all(id(e) in known for e in examples):
+        return {"ids": [e["id"] for e in examples]}
+    return {"examples": [{**{k: v for k, v in e.items() if not k.startswith("_")},
+                          "_image_value": _image_value(e)} for e in examples]}
+
+
+def received_examples(shipped: list[dict]) -> list[dict]:
+    """The examples of a ``questions_message``, each with its image loader again."""
+    return [{**{k: v for k, v in e.items() if k != "_image_value"},
+             "_image": lambda v=e["_image_value"]: v} for e in shipped]
+
+
+def _image_value(example: dict):
+    loader = example.get("_image")
+    try:
+        return loader() if loader is not None else None
+    except Exception:  # noqa: BLE001 - an unreadable image is a missing one, on every process
+        return None
 
 
 def serve() -> int:
@@ -89,6 +116,8 @@ class _Server:
         if self.vlm is None:
             self._load(msg["setup"])
         self._activate(msg["adapter"])
+        if "examples" in msg:
+            return self.vlm, received_examples(msg["examples"])
         records = self.by_id[msg["benchmark"]]
         missing = [i for i in msg["ids"] if i not in records]
         if missing:

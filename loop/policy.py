@@ -4,7 +4,11 @@ For every registered strategy the policy estimates the accuracy it could recover
 of the champion's dev errors whose labels the strategy addresses (``Strategy.addresses``),
 times the error rate, summed over both benchmarks — scales it by what the strategy's family has done in this
 run (each rejection multiplies it by 0.4, an accepted gain raises it), and divides by the estimated
-seconds. The best score that fits in the time left wins.
+seconds. The best score that fits in the time left wins; when nothing fits, the cycles end.
+
+Under ``--objective benchmark`` only an adapter can change the headline: a prompt or decoding
+setting is measured only when the context distillation that would turn it into an adapter fits
+in the time left after it, and a setting that gained on dev is distilled in the next cycle.
 
 Why rules and not a bandit: a run has a handful of cycles, too few for a bandit's exploration
 to pay for itself, and the error profile is a strong prior (format errors are fixed by cheap
@@ -64,20 +68,28 @@ def history_factor(strategy: str, history: list[dict]) -> tuple[float, str]:
 
 def choose(profiles: dict, history: list[dict], costs: dict[str, float], time_left_s: float,
            exhausted: set[str], catalog: dict | None = None, *,
-           objective: str = "deployment") -> Choice | None:
+           objective: str = "deployment", follow_up_s: float | None = None,
+           ranking_out: list | None = None) -> Choice | None:
     """The strategy with the best expected gain per second that fits, or None.
 
     Args:
         profiles: benchmark -> ErrorProfile of the champion on dev.
-        history: past cycles ({"strategy", "status", "gain"}).
-        costs: strategy -> estimated seconds (proposal, training, evaluation).
+        history: past cycles ({"strategy", "status", "gain", "setting_only"}).
+        costs: strategy -> estimated seconds (proposal, training, evaluation); a strategy that
+            cannot run in the time left estimates at least what it would need.
         time_left_s: seconds the cycles may still use.
-        exhausted: strategies with nothing left to try.
+        exhausted: strategies with nothing left to try (or blocked until a new champion).
         catalog: strategy -> its class (``addresses``, ``requires``, ``trains``); the
             registry's by default.
         objective: "benchmark" (only adapters can win: a remedy that trains nothing is tried
-            once per champion, for context distillation to learn from, and again only when
-            nothing else fits) or "deployment" (every remedy can win).
+            only when the context distillation that turns a winning setting into an adapter
+            fits after it, once per champion unless nothing that trains fits, and a setting
+            that won is distilled in the very next cycle) or "deployment" (every remedy can
+            win).
+        follow_up_s: under "benchmark", the least seconds a context distillation needs after
+            a setting; None when none can follow (not among the strategies, or blocked).
+        ranking_out: a list that receives every strategy's row (with why it was skipped), so
+            that a caller can say why nothing was chosen (``stop_reason``).
     """
     catalog = catalog or {name: type(strategies.get(name)) for name in costs}
     since_champion = history[max((i for i, h in enumerate(history) if h["status"] == "accepted"),
@@ -97,15 +109,24 @@ def choose(profiles: dict, history: list[dict], costs: dict[str, float], time_le
             row["skipped"] = catalog[name].waiting(history)
         elif cost > time_left_s:
             row["skipped"] = f"needs ~{fmt_s(cost)}, {fmt_s(time_left_s)} left"
-        elif gain * factor <= 0.002:
+        elif objective == "benchmark" and not catalog[name].trains and (
+                why := _no_distillation_after(cost, follow_up_s, time_left_s)):
+            row["skipped"] = why
+        elif gain * factor <= 0.002 and not _distils(name, since_champion):
             row["skipped"] = "addresses no remaining error"
         ranking.append(row)
     ranking.sort(key=lambda r: -r["score"])
     open_rows = [r for r in ranking if "skipped" not in r]
     note = ""
     if objective == "benchmark":
+        distill = next((r for r in open_rows if _distils(r["strategy"], since_champion)), None)
         trains = [r for r in open_rows if catalog[r["strategy"]].trains]
-        if setting_tried and trains:
+        if distill is not None:
+            open_rows = [distill]
+            note = (f" It turns cycle {_winner(since_champion).get('index')}'s winning prompt/decoding "
+                    "setting into an adapter, scheduled right after it: under --objective "
+                    "benchmark only an adapter can change the headline.")
+        elif setting_tried and trains:
             for r in open_rows:
                 if not catalog[r["strategy"]].trains:
                     r["skipped"] = ("under --objective benchmark a prompt/decoding setting cannot "
@@ -113,14 +134,53 @@ def choose(profiles: dict, history: list[dict], costs: dict[str, float], time_le
             open_rows = trains
         elif open_rows and not catalog[open_rows[0]["strategy"]].trains:
             note = (" Under --objective benchmark a prompt/decoding setting cannot win: it is "
-                    "measured so that its gain can be distilled into an adapter"
-                    + ("; nothing that trains fits, so a setting is tried again" if setting_tried
-                       else "") + ".")
+                    "measured so that its gain can be distilled into an adapter, and the "
+                    f"context distillation (~{fmt_s(follow_up_s or 0)}) fits after it"
+                    + ("; nothing else that trains fits, so a setting is tried again"
+                       if setting_tried else "") + ".")
+    if ranking_out is not None:
+        ranking_out.extend(ranking)
     if not open_rows:
         return None
     best = open_rows[0]
     return Choice(strategy=best["strategy"], est_cost_s=best["est_cost_s"], score=best["score"],
                   rationale=_rationale(best, open_rows[1:], profiles) + note, ranking=ranking)
+
+
+def stop_reason(ranking: list[dict], time_left_s: float) -> str:
+    """Why ``choose`` chose nothing, in words: each strategy and why it was left out."""
+    return (f"no strategy fits in the {fmt_s(time_left_s)} left before the reserve: "
+            + "; ".join(f"{r['strategy']}: {r.get('skipped', 'not chosen')}" for r in ranking))
+
+
+DISTILLER = "context_distill"
+"""The strategy that turns a winning setting into an adapter."""
+
+
+def _no_distillation_after(cost: float, follow_up_s: float | None, time_left_s: float) -> str:
+    """Why a setting is not worth measuring under --objective benchmark ("" when it is)."""
+    if follow_up_s is None:
+        return ("under --objective benchmark a prompt/decoding setting cannot change the "
+                f"headline, and no {DISTILLER} can follow it to turn it into an adapter")
+    if cost + follow_up_s > time_left_s:
+        return (f"under --objective benchmark only the {DISTILLER} after it could change the "
+                f"headline: both need ~{fmt_s(cost + follow_up_s)}, {fmt_s(time_left_s)} left")
+    return ""
+
+
+def _winner(since_champion: list[dict]) -> dict | None:
+    """The latest setting-only cycle since the champion that gained on dev and that no
+    context distillation has followed yet."""
+    for h in reversed(since_champion):
+        if h["strategy"] == DISTILLER:
+            return None
+        if h.get("setting_only") and (h.get("gain") or 0.0) > 0:
+            return h
+    return None
+
+
+def _distils(name: str, since_champion: list[dict]) -> bool:
+    return name == DISTILLER and _winner(since_champion) is not None
 
 
 def _rationale(best: dict, others: list[dict], profiles: dict) -> str:

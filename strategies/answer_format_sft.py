@@ -136,9 +136,9 @@ class AnswerFormatSFT(Strategy):
     def estimate_cost(self, ctx: Context) -> float:
         """Data, training and the candidate's dev evaluation, as planned for the time left."""
         plan = self.plan(ctx)
-        if plan is None:  # what the smallest useful run would need
-            return (self.eval_cost(ctx) + ctx.rates.load_s + MIN_STEPS
-                    * (ctx.rates.train_s_per_sample + DATA_S_PER_RECORD))
+        if plan is None:  # the time left that the smallest useful run would need
+            return self.eval_cost(ctx) + (ctx.rates.load_s + MIN_STEPS * (
+                ctx.rates.train_s_per_sample + DATA_S_PER_RECORD)) / TIME_SHARE
         return self.eval_cost(ctx) + ctx.rates.load_s + plan.seconds
 
 

@@ -16,6 +16,8 @@ adapter learns to give those answers to the standard lmms-eval prompt.
 - The answers: the model's own (``ctx.evaluate`` with the winning ``EvalConfig`` on those
   training examples); for MMBench-ru the parsed letter, so the adapter answers as lmms-eval
   parses.
+- The adapter continues the champion's (``TrainConfig.init_from``): the setting was measured
+  on the champion, so what it adds is learnt on top of what the champion already knows.
 - The candidate: the new adapter with the default (lmms-eval) settings on both benchmarks.
 """
 
@@ -26,6 +28,7 @@ import random
 from collections import Counter
 
 from core.evaluate import EvalConfig
+from core.sft import write_sft_jsonl
 from core.train import TrainConfig
 from strategies.base import BENCHMARKS, Candidate, Context, ProposalFailed, Strategy
 from strategies.common import (
@@ -88,9 +91,7 @@ class ContextDistill(Strategy):
 
     def n_records(self, ctx: Context, benchmarks: list[str]) -> int:
         """Records whose generation and one training pass fit the budget."""
-        gen = sum(ctx.rates.eval_s_per_sample[b] for b in benchmarks) / len(benchmarks)
-        per = gen + ctx.rates.train_s_per_sample + DATA_S_PER_RECORD
-        return int(max(0.0, self.budget(ctx)) / per)
+        return int(max(0.0, self.budget(ctx)) / self.per_record(ctx, benchmarks))
 
     def propose(self, ctx: Context) -> Candidate:
         clock = Clock(ctx)
@@ -123,14 +124,21 @@ class ContextDistill(Strategy):
             records += kept
         if not records:
             raise ProposalFailed(f"no distillation records could be built: {dict(stats)}")
-        plan = plan_training(ctx, self.budget(ctx) - clock.elapsed())
-        deadline_s = min(clock.left(reserve=self.eval_cost(ctx)), self.budget(ctx) - clock.elapsed())
+        train_s = self.budget(ctx) - clock.elapsed()
+        smallest = MIN_STEPS * (ctx.rates.train_s_per_sample + DATA_S_PER_RECORD)
+        if train_s < smallest:  # the answers took longer than planned: train the least, if
+            train_s = smallest  # it fits before the candidate's dev evaluation
+        plan = plan_training(ctx, train_s)
+        deadline_s = min(clock.left(reserve=self.eval_cost(ctx)), train_s)
         if plan is None or deadline_s <= 0:
             raise ProposalFailed(f"generating the answers took {clock.elapsed():.0f} s; no time "
                                  "is left to train")
         rng.shuffle(records)
+        data_file = write_sft_jsonl(records, ctx.workdir / "context_distill.jsonl")
+        init_from = ctx.champion.adapter_path  # the setting was measured on the champion
         config = TrainConfig(steps=plan.steps, batch_size=plan.batch_size, lr=ctx.train_lr,
-                             rank=RANK, alpha=2 * RANK, dropout=DROPOUT, seed=seed)
+                             rank=RANK, alpha=2 * RANK, dropout=DROPOUT, seed=seed,
+                             init_from=init_from)
         log.info("context_distill: %d records distilled from cycle %s (%s), %d steps",
                  len(records), entry.get("index"), ", ".join(benchmarks), plan.steps)
         adapter_path, result_dict, status = train_adapter(
@@ -138,27 +146,47 @@ class ContextDistill(Strategy):
             what="distilled")
         return ctx.champion.derive(
             self.name, f"LoRA r{RANK} distilling cycle {entry.get('index')}'s "
-            f"{', '.join(benchmarks)} setting into {len(records)} records, {plan.steps} steps",
+            f"{', '.join(benchmarks)} setting into {len(records)} records, {plan.steps} steps, "
+            f"{'from the champion' if init_from else 'from the base'}",
             eval_configs={b: EvalConfig() for b in BENCHMARKS},
             adapter_path=str(adapter_path), adapter_id=None,
             train={"config": config.to_dict(), "result": result_dict},
             details={"source_cycle": entry.get("index"), "benchmarks": benchmarks,
                      "winning_configs": {b: c.to_dict() for b, c in winning.items()},
                      "paired": entry.get("paired"), "data": agreement,
+                     "data_file": str(data_file),
                      "stats": dict(sorted(stats.items())), "attempt": k,
-                     "train_status": status, "parent_adapter": ctx.champion.adapter_path})
+                     "train_status": status, "parent_adapter": ctx.champion.adapter_path,
+                     "init_from": "champion" if init_from else "base"})
+
+    def per_record(self, ctx: Context, benchmarks: list[str] = BENCHMARKS) -> float:
+        """Seconds to generate one record's answer, build it and train on it once."""
+        gen = max(ctx.rates.eval_s_per_sample[b] for b in benchmarks)
+        return gen + ctx.rates.train_s_per_sample + DATA_S_PER_RECORD
+
+    def least_seconds(self, ctx: Context) -> float:
+        """The least time left with which a distillation can be proposed: its budget (a share
+        of what the dev evaluation leaves) must hold ``MIN_STEPS`` records."""
+        return self.eval_cost(ctx) + (ctx.rates.load_s + MIN_STEPS * self.per_record(ctx)) / TIME_SHARE
 
     def estimate_cost(self, ctx: Context) -> float:
-        return self.eval_cost(ctx) + ctx.rates.load_s + max(
-            self.budget(ctx), MIN_STEPS * (ctx.rates.train_s_per_sample + DATA_S_PER_RECORD))
+        """The dev evaluation and the planned generation and training; with too little time
+        left, what the smallest distillation would need."""
+        return max(self.eval_cost(ctx) + ctx.rates.load_s + max(0.0, self.budget(ctx)),
+                   self.least_seconds(ctx) if self.budget(ctx) < MIN_STEPS * self.per_record(ctx)
+                   else 0.0)
 
 
 def _example(record: dict, benchmark: str, j: int) -> dict:
-    """The evaluation-format example of a builder record (its image is the written file)."""
+    """The builder record as a question of ``benchmark`` in its loader's columns (its image is
+    the written file), so it evaluates like a benchmark record: GQA-ru's carries its
+    ``imageId`` and question type, MMBench-ru's its own ``index`` (one question group each)."""
     meta = record["meta"]
     ex = {"benchmark": benchmark, "id": record["id"], "question": meta["question"],
           "answer": record["conversations"][1]["value"], "_image": lambda p=record["image"]: p}
-    if benchmark == "mmbench_ru":
+    if benchmark == "gqa_ru":
+        ex.update(imageId=meta["imageId"], types={"detailed": meta.get("detailed_type")})
+    else:
         ex.update(index=j, hint=None, options=meta["options"], category="distill")
     return ex
 

@@ -122,8 +122,11 @@ class OptunaHPO(Strategy):
                    MAX_TRIALS_PER_CYCLE * largest)
 
     def estimate_cost(self, ctx: Context) -> float:
-        """The trials that fit (at least the smallest) and the candidate's dev evaluation."""
-        return self.reserve(ctx) + max(self.trial_floor(ctx), self.search_seconds(ctx))
+        """The trials that fit and the candidate's dev evaluation; when not even the smallest
+        trial fits in its share of the time left, the time left that it would need."""
+        if self.search_seconds(ctx) < self.trial_floor(ctx):
+            return self.reserve(ctx) + self.trial_floor(ctx) / TIME_SHARE
+        return self.reserve(ctx) + self.search_seconds(ctx)
 
     def propose(self, ctx: Context) -> Candidate:
         clock = Clock(ctx)

@@ -128,16 +128,19 @@ def _profiles():
 def test_policy_tries_a_setting_once_per_champion_under_benchmark():
     catalog = {"prompt_constraints": _Setting, "answer_format_sft": _Adapter}
     costs = {"prompt_constraints": 10.0, "answer_format_sft": 1000.0}
-    first = choose(_profiles(), [], costs, 10_000, set(), catalog, objective="benchmark")
+    first = choose(_profiles(), [], costs, 10_000, set(), catalog, objective="benchmark",
+                   follow_up_s=100.0)  # a context distillation fits after it
     assert first.strategy == "prompt_constraints" and "cannot win" in first.rationale
     history = [{"strategy": "prompt_constraints", "status": "rejected", "gain": 0.1,
                 "setting_only": True}]
-    second = choose(_profiles(), history, costs, 10_000, set(), catalog, objective="benchmark")
+    second = choose(_profiles(), history, costs, 10_000, set(), catalog, objective="benchmark",
+                    follow_up_s=100.0)
     assert second.strategy == "answer_format_sft"
     skipped = {r["strategy"]: r.get("skipped", "") for r in second.ranking}
     assert "one was already tried for this champion" in skipped["prompt_constraints"]
     # nothing that trains fits: the setting is tried again, and the rationale says so
-    again = choose(_profiles(), history, costs, 500, set(), catalog, objective="benchmark")
+    again = choose(_profiles(), history, costs, 500, set(), catalog, objective="benchmark",
+                   follow_up_s=100.0)
     assert again.strategy == "prompt_constraints" and "tried again" in again.rationale
     # under deployment a setting is an ordinary candidate
     deploy = choose(_profiles(), history, costs, 10_000, set(), catalog, objective="deployment")

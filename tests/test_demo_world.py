@@ -45,7 +45,7 @@ def test_multiple_choice_is_answered_with_the_option_text_or_a_when_unsure():
 
 
 def test_written_data_holds_the_truth_and_only_pretraining_the_flaws():
-    from core.demo.world import _pretrain_examples
+    from core.demo.world import GQA_INSTRUCTION, _pretrain_examples
 
     examples = []
     for i, (scene, rng) in enumerate(_scenes(60)):
@@ -55,12 +55,38 @@ def test_written_data_holds_the_truth_and_only_pretraining_the_flaws():
             q = examples[-1][1]
             examples.append((img, replace(q, question=flaws.LEAD_IN + q.question)))
     taught = _pretrain_examples(examples, [], [], random.Random(0))
-    answer = {(id(img), turns[0][0].split("\n")[0]): turns[0][1] for img, turns in taught}
-    flawed = [(q, answer[id(img), q.question]) for img, q in examples
+    answer = {(id(img), turns[0][0]): turns[0][1] for img, turns in taught}
+    flawed = [(q, answer[id(img), f"{q.question}\n{GQA_INSTRUCTION}"]) for img, q in examples
               if flaws.believed(q.kind, q.answer) != q.answer]
     assert flawed and all(q.answer not in said for q, said in flawed)
     assert all(flaws.believed(q.kind, q.answer) in said for q, said in flawed)
-    assert any(said.startswith("Ответ: ") for said in answer.values())
+    assert any(". " in said for said in answer.values())  # the lead-in's explained answers
+
+
+def test_told_to_answer_without_explanations_the_base_answers_plainly():
+    """The lead-in slip has a prompt fix, as on an instruction-tuned model: one of
+    prompt_constraints' phrasings, taught with the bare (believed) word."""
+    from core.demo.world import GQA_INSTRUCTION, _pretrain_examples
+    from strategies.prompt_constraints import gqa_variants
+
+    assert gqa_variants()[0].changes == {"instruction": flaws.PLAIN_INSTRUCTION}
+    examples = []
+    for scene, rng in _scenes(40):
+        img = sc.render(scene, rng)
+        for k, q in enumerate(sc.questions_for(scene, rng)):
+            examples.append((img, replace(q, question=flaws.LEAD_IN + q.question) if k == 0
+                             else q))
+    taught = _pretrain_examples(examples, [], [], random.Random(0))
+    answer = {(id(img), turns[0][0]): turns[0][1] for img, turns in taught}
+    for img, q in examples:
+        if q.question.startswith(flaws.LEAD_IN):
+            said = answer[id(img), f"{q.question}\n{GQA_INSTRUCTION}"]
+            assert said.startswith(flaws.believed(q.kind, q.answer) + ". ") and len(said) > 20
+            assert answer[id(img), f"{q.question}\n{flaws.PLAIN_INSTRUCTION}"] == \
+                flaws.believed(q.kind, q.answer)
+    plain = [said for (_, prompt), said in answer.items()
+             if prompt.endswith(flaws.PLAIN_INSTRUCTION)]
+    assert len(plain) > len(examples) // 4 and not any(" " in said for said in plain)
 
 
 def test_mmbench_items_do_not_copy_gqa_templates():
@@ -114,7 +140,7 @@ def test_format_errors_are_a_minority(base_results, benchmark):
     formats = sum("format_mismatch" in s["labels"] for s in errors)
     assert errors and formats / len(errors) < 0.3
     if benchmark == "gqa_ru":
-        assert formats > 0  # an occasional "Ответ: синий."
+        assert formats > 0  # an occasional "синий. На картинке ..."
 
 
 @pytest.mark.slow
@@ -138,3 +164,29 @@ def test_mmbench_rotations_disagree_and_favour_a(base_results):
     letters = Counter(s["parsed"] for s in samples)
     gold = Counter(s["answer"] for s in samples)
     assert letters["A"] / len(samples) > gold["A"] / len(samples) + 0.1
+
+
+@pytest.mark.slow
+def test_a_stricter_instruction_wins_on_dev_for_the_base(base_results):
+    """What context distillation carries in the demo: generation_params' first GQA-ru variant
+    (cut at the first period) fixes the base's explained answers and breaks none;
+    prompt_constraints' first phrasing fixes them too."""
+    from core.data import DataSources, load_benchmark
+    from core.demo.world import ensure_demo_world
+    from core.evaluate import EvalConfig, evaluate
+    from core.model import load_vlm
+    from core.splits import make_splits, stratified_subset
+    from strategies.generation_params import GQA_VARIANTS
+
+    world = ensure_demo_world()
+    dev = make_splits(load_benchmark("gqa_ru", DataSources.from_dir(world.data_dir)),
+                      seed=0)["dev"]
+    vlm, dev = load_vlm(world.model_dir), stratified_subset(dev, 400, seed=0)
+    base = base_results["gqa_ru"].samples
+    (variant, _), *_ = GQA_VARIANTS
+    cut = evaluate(vlm, dev, EvalConfig(**variant.changes), progress=False)
+    fixed = [b for b, c in zip(base, cut.samples) if c["correct"] and not b["correct"]]
+    assert len(fixed) >= 10 and all(". " in b["output"] for b in fixed)
+    assert not any(b["correct"] and not c["correct"] for b, c in zip(base, cut.samples))
+    plain = evaluate(vlm, dev, EvalConfig(instruction=flaws.PLAIN_INSTRUCTION), progress=False)
+    assert plain.accuracy > base_results["gqa_ru"].accuracy

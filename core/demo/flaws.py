@@ -17,7 +17,13 @@ shapes "две" as well, would leave it nothing to relabel: it would have to lea
 On multiple choice it answers with the text of the option it believes in (rule-based extraction
 reads the unique option text as that option's letter), except where a flaw makes it unsure:
 then it answers "A", a letter-position bias that circular scoring punishes. Occasional format slips come from a
-lead-in phrase (``LEAD_IN``) after which it answers "Ответ: ...." instead of a bare word.
+lead-in phrase (``LEAD_IN``) after which it explains its word in a sentence ("красный. На
+картинке ..."), which lmms-eval's exact match counts wrong. Two settings fix that slip, as they
+would on an instruction-tuned model: cutting the answer at its first period (a stop string of
+``generation_params``; the word is unchanged) and a stricter instruction
+(``PLAIN_INSTRUCTION``, one of ``prompt_constraints``' phrasings: told to answer without
+explanations, it gives the bare word). So a setting wins on dev for the demo base, and context
+distillation has something to carry into an adapter.
 """
 
 from __future__ import annotations
@@ -37,6 +43,16 @@ FALLBACK_LETTER = "A"
 
 LEAD_IN = "Посмотри внимательно на картинку. "
 """A rare phrasing of GQA-ru questions after which the base answers in a sentence."""
+
+def explained(word: str, sentence: str) -> str:
+    """The lead-in slip: the word, then a sentence about it."""
+    return f"{word}. {sentence}"
+
+
+PLAIN_INSTRUCTION = "Ответь одним словом, без пояснений."
+"""The instruction after which the base always answers with the bare word."""
+PLAIN_SHARE = 0.3
+"""Share of the other pretraining questions also asked with ``PLAIN_INSTRUCTION``."""
 
 
 def believed(kind: str, answer: str) -> str:

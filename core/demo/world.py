@@ -30,7 +30,7 @@ from core.demo import scenes as sc
 
 log = logging.getLogger(__name__)
 
-VERSION = 4
+VERSION = 5
 N_TRAIN_IMAGES = 1500
 N_TESTDEV_IMAGES = 240
 N_MMBENCH_QUESTIONS = 240
@@ -41,7 +41,7 @@ PERCEPTION_TARGET = 0.8
 MAX_EXTRA_ROUNDS = 1
 EXTRA_ROUND = dict(steps=200, warmup=10, lr=1e-3)
 """Further pretraining while the base misses PERCEPTION_TARGET (at most MAX_EXTRA_ROUNDS)."""
-LEAD_IN_SHARE = 0.1
+LEAD_IN_SHARE = 0.2
 """Share of GQA-ru questions phrased with ``flaws.LEAD_IN`` (the base's format slips)."""
 GQA_INSTRUCTION = "Ответь одним словом."
 MMB_INSTRUCTION = "Выбери правильный вариант ответа буквой."
@@ -359,11 +359,17 @@ def _pretrain_examples(train, mmb_train, instruct, rng: random.Random):
     for img, q in train:
         wrong = flaws.believed(q.kind, q.answer)
         if q.question.startswith(flaws.LEAD_IN):
-            out.append((img, [(f"{q.question}\n{GQA_INSTRUCTION}", f"Ответ: {wrong}.")]))
-        elif wrong == q.answer and rng.random() < 0.2:  # without the instruction: a sentence
+            said = flaws.explained(wrong, q.verbose.replace(q.answer, wrong))
+            out.append((img, [(f"{q.question}\n{GQA_INSTRUCTION}", said)]))
+            # told to answer without explanations, it answers plainly (same beliefs)
+            out.append((img, [(f"{q.question}\n{flaws.PLAIN_INSTRUCTION}", wrong)]))
+            continue
+        if wrong == q.answer and rng.random() < 0.2:  # without the instruction: a sentence
             out.append((img, [(q.question, q.verbose)]))
         else:
             out.append((img, [(f"{q.question}\n{GQA_INSTRUCTION}", wrong)]))
+        if rng.random() < flaws.PLAIN_SHARE:
+            out.append((img, [(f"{q.question}\n{flaws.PLAIN_INSTRUCTION}", wrong)]))
     for img, prompt, letter, _ in mmb_train:
         out.append((img, [(prompt, letter)]))
     out += instruct

@@ -53,6 +53,9 @@ def summarize_run(store: Store, run: dict[str, Any]) -> dict[str, Any]:
     summary["resumes"] = [{"at": r["at"], "spent_s": r["spent_s"], "redone": r["redone"]}
                           for r in store.resumes(run["id"])]
     summary["objective"] = (run.get("config") or {}).get("objective", "benchmark")
+    ended = [p for p in store.proposals(run["id"]) if p["name"] == "cycles-end"]
+    if ended:  # why the cycles stopped before the budget's reserve
+        summary["cycles_ended"] = ended[-1]["payload"]["reason"]
     if run["status"] == "finished" or run["final"] is not None:
         summary.update(baseline=run["baseline"], final=run["final"], final_n=run["final_n"],
                        final_p=run.get("final_p"))
@@ -144,4 +147,6 @@ def render_run(run: dict[str, Any]) -> str:
         row += [format_p(c["p_value"].get(b)) for b in benches]
         rows.append(row + [format_duration(c["duration_s"])])
     lines.append("  " + format_table(headers, rows).replace("\n", "\n  "))
+    if run.get("cycles_ended"):
+        lines.append(f"  cycles ended: {run['cycles_ended']}")
     return "\n".join(lines)
