@@ -176,3 +176,22 @@ def test_choice_style_follows_the_lmms_rule():
 def test_an_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="lmms, lenient"):
         extract_choice("B", COLOURS, mode="gpt")
+
+
+def _line(i: int, output: str) -> dict:
+    return {"id": str(i), "question": "Какого цвета круг?", "target": "B", "prompt": "…",
+            "output": output, "image_ok": True, "labels": [], "category": "color",
+            "cluster": i, "output_type": "generate_until", "options": dict(COLOURS),
+            "parsed": None, "index": i, "n_options": 4, "correct": False}
+
+
+def test_rescoring_reads_by_lmms_evals_rule_and_gives_the_lenient_reading_beside():
+    from core.evaluate import summarize
+    from core.rescore import rescore
+
+    samples = rescore("mmbench_ru", [_line(0, "B"), _line(1, "**B**"), _line(2, "Ответ:B")])
+    assert [s["parsed"] for s in samples] == ["B", None, None]
+    assert [s["parsed_lenient"] for s in samples] == ["B", "B", "B"]
+    metrics = summarize("mmbench_ru", samples)
+    assert metrics["accuracy"] == pytest.approx(1 / 3) and metrics["unparseable"] == 2
+    assert metrics["accuracy_lenient"] == 1.0 and metrics["unparseable_lenient"] == 0

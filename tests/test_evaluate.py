@@ -216,3 +216,21 @@ def test_mmbench_answers_are_not_cut_at_assistant_as_llava_hf_applies_no_until()
     [sample] = evaluate(Stub(), [example], progress=False, prefix_cache=False).samples
     assert sample["output"] == "B\nASSISTANT: C"
     assert sample["parsed"] is None  # two bare letters: lmms-eval would ask its judge
+
+
+def test_the_headline_reads_answers_by_lmms_evals_rule_and_the_lenient_reading_is_beside():
+    class Stub:
+        prefill_positions = 0
+
+        def generate(self, texts, images, **kwargs):
+            return ["**B**" for _ in texts]
+
+    examples = [_mmb(5, {"A": "красный", "B": "синий"}, "B"),
+                _mmb(1_000_005, {"A": "синий", "B": "красный"}, "A")]
+    result = evaluate(Stub(), examples, progress=False, prefix_cache=False)
+    assert [s["parsed"] for s in result.samples] == [None, None]  # lmms-eval: ask the judge
+    assert [s["parsed_lenient"] for s in result.samples] == ["B", "B"]
+    m = result.metrics
+    assert m["accuracy"] == 0.0 and m["unparseable"] == 2
+    assert m["per_row_lenient"] == 0.5 and m["accuracy_lenient"] == 0.0
+    assert m["unparseable_lenient"] == 0
