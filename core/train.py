@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 import random
 import shutil
 import time
@@ -706,7 +707,14 @@ def _restore(ckpt_dir: Path, model, name: str, opt, sched, scaler, state: _State
     import torch
     from safetensors.torch import load_file
 
-    saved = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=False)
+    try:
+        # Tensors, numbers, strings and containers only: a pickle that runs code (anyone who
+        # can write to a shared --workdir could plant one) is refused, not executed.
+        saved = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UserError(f"cannot resume from {ckpt_dir / STATE_FILE}: it is not a checkpoint "
+                        f"this tool wrote ({str(exc).splitlines()[0]}). Delete the "
+                        "checkpoint folder to train from the start.") from None
     _check_same_run(saved["config"], saved["fingerprint"], config, fingerprint, ckpt_dir)
     device = next(p.device for p in model.parameters() if p.requires_grad)
     weights = load_file(str(ckpt_dir / "adapter_model.safetensors"), device=str(device))
