@@ -51,6 +51,7 @@ from core.lora import (
     save_adapter,
     trainable_parameters,
 )
+from core.loss import labelled_loss
 from core.oom import free_memory, is_oom
 from core.processor import LLaVADataProcessor
 from core.sft import data_fingerprint, validate_records
@@ -463,8 +464,8 @@ def _accumulate(ctx: _Ctx, batch: list, state: _State) -> float:
         inputs = {k: v.to(ctx.device) for k, v in ctx.data.collate(chunk).items()}
         with torch.autocast(ctx.device.type, dtype=getattr(torch, autocast or "float32"),
                             enabled=autocast is not None):
-            out = ctx.model(**inputs)
-        loss = out.loss.float() * (chunk_targets / n_targets)
+            loss = labelled_loss(ctx.model, inputs)
+        loss = loss * (chunk_targets / n_targets)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise _NonFinite(f"loss is {value} at step {state.step + 1}: the run diverged. "
@@ -472,7 +473,7 @@ def _accumulate(ctx: _Ctx, batch: list, state: _State) -> float:
         ctx.scaler.scale(loss).backward()
         loss_sum += value
         tokens += int(inputs["attention_mask"].sum())
-        del out, loss, inputs
+        del loss, inputs
     ctx.scaler.unscale_(ctx.opt)
     norm = float(torch.nn.utils.clip_grad_norm_(ctx.params, ctx.config.max_grad_norm))
     if not math.isfinite(norm):
