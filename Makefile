@@ -26,6 +26,8 @@ demo: $(STAMP)
 	$(PY) -m loop show 1 --db experiments.db --examples 0
 	@echo "--- every cycle, and the verdict on the held-out final split"
 	$(PY) -m loop log --db experiments.db
+	@echo "--- the demo world these figures come from (other weights, other figures)"
+	$(PY) -m core.demo
 
 # Plain `pytest` skips the slow tier; `make test` (and CI) runs it too.
 test: $(STAMP)

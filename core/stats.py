@@ -2,8 +2,10 @@
 
 GQA-ru asks about 31 questions per image and MMBench-ru rotates each question up to four
 times, so questions are not independent: the image (GQA-ru) or the question group
-(MMBench-ru) is the unit. Everything here resamples or permutes whole clusters, so copying a
-question inside its cluster changes neither a p-value nor an interval. With one question per
+(MMBench-ru) is the unit. Everything here resamples or permutes whole clusters, so copies of
+questions never count as more units: copying every question the same number of times changes
+neither a p-value nor an interval, and copying only some of them weighs their clusters more (as
+it would in any average) without adding evidence from new images. With one question per
 cluster the paired test is the exact McNemar test.
 
 Re-exported by ``core.metrics``; pure Python plus numpy, deterministic for a given seed.

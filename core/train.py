@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 import random
 import shutil
 import time
@@ -50,6 +51,7 @@ from core.lora import (
     save_adapter,
     trainable_parameters,
 )
+from core.loss import labelled_loss
 from core.oom import free_memory, is_oom
 from core.processor import LLaVADataProcessor
 from core.sft import data_fingerprint, validate_records
@@ -462,8 +464,8 @@ def _accumulate(ctx: _Ctx, batch: list, state: _State) -> float:
         inputs = {k: v.to(ctx.device) for k, v in ctx.data.collate(chunk).items()}
         with torch.autocast(ctx.device.type, dtype=getattr(torch, autocast or "float32"),
                             enabled=autocast is not None):
-            out = ctx.model(**inputs)
-        loss = out.loss.float() * (chunk_targets / n_targets)
+            loss = labelled_loss(ctx.model, inputs)
+        loss = loss * (chunk_targets / n_targets)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise _NonFinite(f"loss is {value} at step {state.step + 1}: the run diverged. "
@@ -471,7 +473,7 @@ def _accumulate(ctx: _Ctx, batch: list, state: _State) -> float:
         ctx.scaler.scale(loss).backward()
         loss_sum += value
         tokens += int(inputs["attention_mask"].sum())
-        del out, loss, inputs
+        del loss, inputs
     ctx.scaler.unscale_(ctx.opt)
     norm = float(torch.nn.utils.clip_grad_norm_(ctx.params, ctx.config.max_grad_norm))
     if not math.isfinite(norm):
@@ -706,7 +708,14 @@ def _restore(ckpt_dir: Path, model, name: str, opt, sched, scaler, state: _State
     import torch
     from safetensors.torch import load_file
 
-    saved = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=False)
+    try:
+        # Tensors, numbers, strings and containers only: a pickle that runs code (anyone who
+        # can write to a shared --workdir could plant one) is refused, not executed.
+        saved = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UserError(f"cannot resume from {ckpt_dir / STATE_FILE}: it is not a checkpoint "
+                        f"this tool wrote ({str(exc).splitlines()[0]}). Delete the "
+                        "checkpoint folder to train from the start.") from None
     _check_same_run(saved["config"], saved["fingerprint"], config, fingerprint, ckpt_dir)
     device = next(p.device for p in model.parameters() if p.requires_grad)
     weights = load_file(str(ckpt_dir / "adapter_model.safetensors"), device=str(device))

@@ -78,7 +78,8 @@ def eval_results(report: Report, results: dict[str, Any]) -> tuple[list, list[st
             dataset_type=f"synthetic-demo/{spec['name']}" if demo else spec["type"],
             dataset_name=(f"{spec['name']}-like synthetic demo data" if demo else spec["name"]),
             dataset_config=None if demo else spec["config"],
-            dataset_split=None if demo else spec["split"],
+            dataset_split=None if demo else (
+                f"{spec['split']} (held-out final subset, n={champ['n']} {spec['unit']})"),
             metric_type="accuracy", metric_value=round(100 * champ["accuracy"], 2),
             metric_name=f"{spec['metric']} (%, n={champ['n']} {spec['unit']}{interval})",
             metric_args={k: v for k, v in args.items() if v is not None}))

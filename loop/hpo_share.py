@@ -52,7 +52,7 @@ def check(url: str, name: str | None, owner: dict | None) -> None:
 
 def world(loop) -> dict:
     """What a worker needs to rebuild this run's world, for ``Context.world``."""
-    from strategies.hpo_trial import MAX_TUNE_PER_BENCHMARK
+    from strategies.hpo_trial import tune_slice
 
     cfg, bench = loop.config, loop.bench
     return {"owner": run_owner(loop.store, loop.run_id), "preset": cfg.preset,
@@ -62,7 +62,7 @@ def world(loop) -> dict:
             "heartbeat_s": cfg.heartbeat_s, "hpo_here": cfg.hpo_here,
             "batch_size": bench.batch_size,
             "prefix_cache": cfg.prefix_cache,
-            "tune_ids": {b: [str(e["id"]) for e in ex[:MAX_TUNE_PER_BENCHMARK]]
+            "tune_ids": {b: [str(e["id"]) for e in tune_slice(ex)]
                          for b, ex in bench.tune.items() if ex}}
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import html
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +34,8 @@ PUBLISHED = {
 }
 LMMS_MARK = "lmms-eval prompt and decoding"
 EXAMPLES = 8
+MANUAL_HEADERS = ["eval", "adapter", "benchmark", "split", "accuracy [95% interval]", "n",
+                  "protocol", "questions"]
 ROLES = (("baseline", "base model"), ("champion", "champion's adapter"),
          ("deployed", "champion with its settings (deployment)"))
 RUN_KEYS = {"baseline": "baseline", "champion": "final", "deployed": "final_deployed"}
@@ -45,6 +47,11 @@ UNPARSEABLE_NOTE = ("MMBench-ru: n counts question groups, each right only if ev
                     "Each MMBench-ru number says how many answers that was, and gives the same "
                     "outputs' score under a lenient Russian-aware reading (Cyrillic letters, "
                     "**B**, «Ответ: B», option texts), which is not lmms-eval's.")
+MANUAL_NOTE = ("Some of this run's adapters were also measured by hand on held-out questions "
+               "(`loop eval --split final` or `--split all`, listed under 'Manual evaluations'). "
+               "Those numbers fed no decision of the run, but an adapter chosen among several by "
+               "them was chosen on the final split, which then no longer measures it without "
+               "bias.")
 DEMO_NOTE = ("This run used the demo preset: a tiny model on a synthetic Russian world. Its "
              "numbers show that the loop works end to end; they are not comparable with the "
              "published scores at all.")
@@ -70,6 +77,9 @@ class Report:
         error_analysis: Per benchmark: error label counts of the base model and the champion
             on ``final``, and examples of fixed and still-wrong answers.
         notes: Caveats in words.
+        manual: ``loop eval`` measurements of this run's adapters on its final split (or on
+            all of the data, which contains it), made by hand outside the run's decisions:
+            eval id, adapter, benchmark, split, accuracy, ci, n, protocol, seed, when.
     """
 
     run: dict[str, Any]
@@ -80,6 +90,7 @@ class Report:
     cycles: list[dict[str, Any]]
     error_analysis: dict[str, dict[str, Any]]
     notes: list[str]
+    manual: list[dict[str, Any]] = field(default_factory=list)
 
 
 def build_report(store: Store, run_id: int | None = None) -> Report:
@@ -124,9 +135,47 @@ def build_report(store: Store, run_id: int | None = None) -> Report:
     notes.append("Every decision was taken on the dev split (per-cycle subsets, a paired test "
                  "against the champion on the same questions); the final split was touched once, "
                  "at the end, and fed no decision. Intervals are 95%.")
+    manual = manual_finals(store, run)
+    if manual:
+        notes.append(MANUAL_NOTE)
     return Report(run=run, benchmarks=benches, headline=headline,
                   dev={b: dev_points(b, dev_base.get(b), cycles) for b in benches},
-                  error_profiles=profiles, cycles=cycles, error_analysis=analysis, notes=notes)
+                  error_profiles=profiles, cycles=cycles, error_analysis=analysis, notes=notes,
+                  manual=manual)
+
+
+def manual_finals(store: Store, run: dict) -> list[dict[str, Any]]:
+    """``loop eval`` results of this run's adapters on the final split (or on all the data,
+    which holds it), oldest first: the held-out questions were looked at by hand."""
+    adapters = {a["id"]: a for a in store.adapters(run["id"])}
+    by_path = {str(Path(a["path"]).resolve()): i for i, a in adapters.items()}
+    seed = (run.get("config") or {}).get("seed")
+    out = []
+    for ev in store.evaluations(role="manual"):
+        if ev["split"] not in ("final", "all"):
+            continue
+        cand = ev["candidate"] or {}
+        path = cand.get("adapter_path")
+        adapter_id = ev["adapter_id"] if ev["adapter_id"] in adapters else (
+            by_path.get(str(Path(path).resolve())) if path else None)
+        if adapter_id is None:
+            continue
+        m = ev["metrics"] or {}
+        out.append({"eval_id": ev["id"], "adapter_id": adapter_id, "benchmark": ev["benchmark"],
+                    "split": ev["split"], "accuracy": m.get("accuracy"), "ci": m.get("ci"),
+                    "n": m.get("n", ev["n"]), "protocol": ev["protocol"],
+                    "seed": cand.get("seed"), "same_questions": ev["split"] == "final"
+                    and cand.get("seed") == seed and cand.get("limit") is None,
+                    "created_at": ev["created_at"]})
+    return out
+
+
+def manual_rows(report: Report) -> list[list[str]]:
+    """Rows of (eval, adapter, benchmark, split, accuracy [CI], n, protocol, questions)."""
+    return [[str(m["eval_id"]), str(m["adapter_id"]), m["benchmark"], m["split"],
+             format_pct(m["accuracy"], m["ci"]), str(m["n"]), m["protocol"] or "not recorded",
+             "the run's final split" if m["same_questions"] else
+             f"other questions (split {m['split']}, seed {m['seed']})"] for m in report.manual]
 
 
 def _measure(ev: dict | None, run: dict, role: str, bench: str,
@@ -307,6 +356,11 @@ def render_markdown(report: Report) -> str:
         out += _md_table(*decision_rows(report))
     else:
         out.append("No cycle was recorded.")
+    if report.manual:
+        out += ["", "## Manual evaluations on held-out questions", "",
+                "Measured by `loop eval` outside the run, after or while it ran; not part of its "
+                "decisions.", ""]
+        out += _md_table(MANUAL_HEADERS, manual_rows(report))
     rows = error_rows(report)
     if rows:
         out += ["", "## Error causes on the final split", "", "Counts of error labels among wrong "

@@ -244,7 +244,16 @@ def _table(headers: list[str], rows: list[list[Any]], classes: list[str] | None 
 
 def render_html(report: Report) -> str:
     """The report as one self-contained HTML page: inline CSS and SVG, no script."""
-    from loop.report import ROLES, clip, decision_rows, error_rows, header_lines, headline_rows
+    from loop.report import (
+        MANUAL_HEADERS,
+        ROLES,
+        clip,
+        decision_rows,
+        error_rows,
+        header_lines,
+        headline_rows,
+        manual_rows,
+    )
 
     run_id = escape(str(report.run["id"]))
     out = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
@@ -274,6 +283,10 @@ def render_html(report: Report) -> str:
                           text_from=len(headers) - 1))
     else:
         out.append("<p>No cycle was recorded.</p>")
+    if report.manual:
+        out += ["<h2>Manual evaluations on held-out questions</h2><p>Measured by "
+                "<code>loop eval</code> outside the run; not part of its decisions.</p>",
+                _table(MANUAL_HEADERS, manual_rows(report))]
     rows = error_rows(report)
     if rows:
         out += ["<h2>Error causes on the final split</h2><p>Counts of error labels among wrong "

@@ -14,7 +14,10 @@ final of both benchmarks):
 - ``items``: key -> the evaluation item it belongs to, for the messages.
 
 **Images** are compared by a perceptual signature (``strategies.image_signature``), so
-resized and re-encoded copies of an evaluation image are caught too.
+resized and re-encoded copies of an evaluation image are caught too. The guard signs every image
+itself: a record's own ``meta.image_digest`` is never believed (a resized evaluation image
+carrying another scene's digest would pass); only files this process signed, or wrote from an
+image it signed, and that are unchanged since, skip the decoding.
 
 **Template questions** such as "Сколько фигур на картинке?" are asked about thousands of
 different images; sharing one with an evaluation item leaks nothing, because the answer
@@ -34,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.exceptions import DataError
-from strategies.image_signature import DIGEST_PREFIX, SIGNATURE_LENGTH, ImageIndex, image_digest
+from strategies.image_signature import DIGEST_PREFIX, ImageIndex, image_digest
 
 log = logging.getLogger(__name__)
 
@@ -174,11 +177,11 @@ def _signature(record: dict, cache: dict) -> str | None:
     image = record.get("image")
     if image is None:
         return None
+    # Computed here, never read from the record: ``meta.image_digest`` is whatever the file
+    # says, and a resized evaluation image with another scene's digest would pass.
     ref = image if isinstance(image, str) else id(image)
     if ref not in cache:
-        stored = (record.get("meta") or {}).get("image_digest")
-        ok = isinstance(stored, str) and len(stored) == SIGNATURE_LENGTH
-        cache[ref] = stored if ok else image_digest(image)
+        cache[ref] = image_digest(image)
     return cache[ref]
 
 

@@ -20,6 +20,7 @@ import logging
 import socket
 import time
 
+from core.splits import unit_of
 from core.train import TrainConfig
 from strategies.base import Context
 from strategies.common import plan_training
@@ -33,7 +34,22 @@ DEFAULT_PARAMS = {"rank": 16, "alpha_mult": 2, "dropout": 0.05, "steps_frac": 1.
 
 
 def tune_sets(ctx: Context) -> dict[str, list[dict]]:
-    return {b: list(ex)[:MAX_TUNE_PER_BENCHMARK] for b, ex in ctx.tune_examples.items() if ex}
+    return {b: tune_slice(ex) for b, ex in ctx.tune_examples.items() if ex}
+
+
+def tune_slice(examples, limit: int = MAX_TUNE_PER_BENCHMARK) -> list[dict]:
+    """At most ``limit`` examples (at least one unit), whole units only (``core.splits.unit_of``:
+    a GQA-ru image, an MMBench-ru rotation group), units in their order of first appearance;
+    a plain ``[:limit]`` could keep part of a rotation group and score it circularly."""
+    members: dict[str, list[dict]] = {}
+    for ex in examples:
+        members.setdefault(unit_of(ex), []).append(ex)
+    out: list[dict] = []
+    for group in members.values():
+        if out and len(out) + len(group) > limit:
+            break
+        out += group
+    return out
 
 
 def tune_cost(ctx: Context) -> float:
@@ -129,17 +145,11 @@ def score_trial(ctx: Context, trial, adapter_path: str) -> float | None:
 
 
 def _halves(examples: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Two halves that keep MMBench-ru rotation groups together."""
-    units = sorted({_unit(ex) for ex in examples})
+    """Two halves of whole units (GQA-ru images, MMBench-ru rotation groups)."""
+    units = sorted({unit_of(ex) for ex in examples})
     first = set(units[: (len(units) + 1) // 2])
-    return ([ex for ex in examples if _unit(ex) in first],
-            [ex for ex in examples if _unit(ex) not in first])
-
-
-def _unit(ex: dict) -> str:
-    if ex.get("benchmark") == "mmbench_ru":
-        return f"grp:{int(ex['index']) % 1_000_000:09d}"
-    return str(ex.get("id"))
+    return ([ex for ex in examples if unit_of(ex) in first],
+            [ex for ex in examples if unit_of(ex) not in first])
 
 
 def study_options(seed: int) -> dict:

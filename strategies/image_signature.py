@@ -15,6 +15,8 @@ mean and only a narrow window is compared in full.
 
 from __future__ import annotations
 
+import os
+
 DIGEST_PREFIX = "px:"
 THUMB = 8
 SIGNATURE_LENGTH = len(DIGEST_PREFIX) + 2 * THUMB * THUMB * 3
@@ -22,19 +24,48 @@ MEAN_DIFF = 4.0
 PIXEL_DIFF = 16.0
 
 
+_COMPUTED: dict[tuple[str, int, int], str] = {}
+"""Signatures this process computed for image files, by (path, size, modification time)."""
+
+
+def _file_key(path) -> tuple[str, int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return os.path.realpath(path), stat.st_size, stat.st_mtime_ns
+
+
+def remember_digest(path, digest: str | None) -> None:
+    """Note that ``digest`` is the signature of the file at ``path`` as it is now (the loop
+    wrote the file from an image whose signature it computed). A later change of the file's
+    size or modification time forgets it."""
+    key = _file_key(path)
+    if key is not None and digest:
+        _COMPUTED[key] = digest
+
+
 def image_digest(image) -> str | None:
     """``px:`` + the 8x8 RGB box thumbnail in hex: the image's perceptual signature.
 
-    ``image`` is a PIL image or a path; None when it cannot be read.
+    ``image`` is a PIL image or a path; None when it cannot be read. A file is signed once
+    per process while it is unchanged; a signature written in a record (``meta.image_digest``)
+    is never read back, so a record cannot vouch for its own image.
     """
     from PIL import Image
 
     from core.sft import load_image
 
+    key = _file_key(image) if isinstance(image, (str, os.PathLike)) else None
+    if key is not None and key in _COMPUTED:
+        return _COMPUTED[key]
     img = load_image(image)
     if img is None:
         return None
-    return DIGEST_PREFIX + img.convert("RGB").resize((THUMB, THUMB), Image.BOX).tobytes().hex()
+    digest = DIGEST_PREFIX + img.convert("RGB").resize((THUMB, THUMB), Image.BOX).tobytes().hex()
+    if key is not None:
+        _COMPUTED[key] = digest
+    return digest
 
 
 class ImageIndex:

@@ -43,6 +43,7 @@ from strategies.guard import (
     prepare,
     template_questions,
 )
+from strategies.image_signature import remember_digest
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ class SFTDataBuilder:
             img.save(part, format="PNG")
             os.replace(part, path)
             self._digests[str(path)] = image_digest(img)
+            remember_digest(path, self._digests[str(path)])
         return str(path)
 
     def _record(self, ex: dict, kind: str, prompt: str, answer: str, path: str, **meta) -> dict:

@@ -234,8 +234,9 @@ def test_card_metadata_reads_back_with_huggingface_hub(db, tmp_path):
     # GQA-ru under the exact lmms-eval protocol; MMBench-ru's champion number is a likelihood
     # score (its own protocol), so it stays out of the metadata and the card says why
     (result,) = data.eval_results
+    # the split names what was measured: a held-out part of testdev, not all of it
     assert (result.dataset_type, result.dataset_name, result.dataset_split) == (
-        "deepvk/GQA-ru", "GQA-ru", "testdev")
+        "deepvk/GQA-ru", "GQA-ru", "testdev (held-out final subset, n=10 questions)")
     assert result.task_type == "visual-question-answering" and result.metric_type == "accuracy"
     assert result.metric_value == 80.0 and "n=10 questions" in result.metric_name
     assert result.metric_args == {

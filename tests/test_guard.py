@@ -213,3 +213,54 @@ def demo_world():
     from core.demo.world import ensure_demo_world
 
     return ensure_demo_world()
+
+
+def test_a_forged_image_digest_in_a_record_is_not_believed(evaluation, protected, tmp_path):
+    """A record from outside the run names its own ``meta.image_digest``: the guard computes
+    the signature of the image itself, so a resized evaluation image with the digest of some
+    other scene is still refused."""
+    from strategies.image_signature import image_digest
+
+    saved = tmp_path / "innocent.png"
+    _resized(evaluation[0]["_image"]()).save(saved)
+    forged = image_digest(_scene_image(999))
+    record = _record("forged", "Есть ли тут круг?", str(saved), image_digest=forged)
+    with pytest.raises(LeakageError, match=r"forged.*its image matches GQA-ru image t0000"):
+        check_records([record], protected)
+
+
+def test_a_digest_the_loop_computed_is_reused_only_while_the_file_is_unchanged(tmp_path):
+    """The loop remembers the signatures it computed (by path, size and modification time);
+    a file replaced behind its back is signed again."""
+    import os
+
+    from strategies.image_signature import image_digest, remember_digest
+
+    path = tmp_path / "img.png"
+    _scene_image(1).save(path)
+    remember_digest(path, image_digest(_scene_image(1)))
+    assert image_digest(str(path)) == image_digest(_scene_image(1))
+    _scene_image(2).save(path)
+    os.utime(path, ns=(1, 1))
+    assert image_digest(str(path)) == image_digest(_scene_image(2))
+
+
+def test_train_command_refuses_a_resized_evaluation_image_with_a_forged_digest(
+        demo_world, tiny_vlm_dir, tmp_path, capsys):
+    from core.data import load_gqa, load_image
+    from core.sft import write_sft_jsonl
+    from loop.cli import main
+    from strategies.image_signature import image_digest
+
+    testdev = load_gqa(str(demo_world.data_dir / "GQA-ru"), "testdev")
+    img, _ = load_image(testdev[0])
+    forged = image_digest(_scene_image(4242))
+    clean = [_record(f"ok{i}", f"Какая фигура справа на картинке {i}?",
+                     Image.new("RGB", (48, 48), (30 * i, 90, 200))) for i in range(2)]
+    leak = _record("leak-forged", "Есть ли тут круг?", _resized(img), image_digest=forged)
+    path = write_sft_jsonl(clean + [leak], tmp_path / "data" / "forged.jsonl")
+    assert json.loads(path.read_text().splitlines()[-1])["meta"]["image_digest"] == forged
+    rc = main(_train_args(path, demo_world, tiny_vlm_dir, tmp_path))
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0 and report["records"] == 2
+    assert report["guard"][str(path)]["by_kind"] == {"image": 1}

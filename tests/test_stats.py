@@ -55,7 +55,7 @@ def _clustered(seed: int = 0, n_images: int = 30, per_image: int = 6):
 
 
 @pytest.mark.parametrize("copies", [2, 5, 31])
-def test_copying_questions_inside_their_cluster_changes_nothing(copies):
+def test_copying_every_question_equally_inside_its_cluster_changes_nothing(copies):
     baseline, candidate, clusters = _clustered()
     once = paired_test(baseline, candidate, clusters=clusters)
     rep = lambda xs: [x for x in xs for _ in range(copies)]  # noqa: E731
@@ -64,6 +64,20 @@ def test_copying_questions_inside_their_cluster_changes_nothing(copies):
     assert many.diff == pytest.approx(once.diff)
     assert (many.diff_low, many.diff_high) == pytest.approx((once.diff_low, once.diff_high))
     assert many.n == copies * once.n and many.n_clusters == once.n_clusters
+
+
+def test_copying_some_questions_reweights_their_cluster_but_adds_no_unit():
+    """The invariance is for equal copies only: extra copies of one question weigh its cluster
+    more (its summed difference grows), so p may move; the test still counts clusters."""
+    baseline = [False, False, True, True, True, False, True]
+    candidate = [True, True, False, False, False, True, False]
+    clusters = ["a", "a", "b", "c", "d", "e", "f"]
+    once = paired_test(baseline, candidate, clusters=clusters)
+    extra = 6  # question 0 of image "a" asked six more times
+    more = paired_test(baseline + [False] * extra, candidate + [True] * extra,
+                       clusters=clusters + ["a"] * extra)
+    assert more.n_clusters == once.n_clusters == 6 and more.n == once.n + extra
+    assert more.p_value != pytest.approx(once.p_value)
 
 
 def test_copies_without_clusters_would_look_significant():

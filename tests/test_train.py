@@ -259,6 +259,41 @@ def test_resume_after_a_kill_continues_from_the_checkpoint(tiny_vlm_factory, tmp
     assert again.steps == 4 and again.adapter_path == str(tmp_path / "run")
 
 
+class _Planted:
+    """A pickle that runs code when loaded: what a shared --workdir lets anyone put there."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_is_restored_without_running_pickled_code(tiny_vlm_factory, tmp_path):
+    import torch
+
+    from core.train import STATE_FILE
+
+    records, config = _records(8), _config(steps=4, dropout=0.0, checkpoint_every=2)
+
+    def kill(event):
+        if event.step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(tiny_vlm_factory(), records, config, tmp_path / "run", adapter_name="x",
+                   hooks=TrainHooks(before_micro_step=kill))
+    state_file = tmp_path / "run" / "checkpoint" / STATE_FILE
+    saved = torch.load(state_file, weights_only=True)  # what the trainer writes loads safely
+    saved["planted"] = _Planted(tmp_path / "pwned")
+    torch.save(saved, state_file)
+    with pytest.raises(UserError, match=f"{STATE_FILE}.*not a checkpoint this tool wrote"):
+        train_lora(tiny_vlm_factory(), records, config, tmp_path / "run", adapter_name="x",
+                   resume=True)
+    assert not (tmp_path / "pwned").exists()
+
+
 # ---------------------------------------------------------------- adapters
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ the planted flaws (``core.demo.flaws``), so that correct train data can fix them
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -63,6 +64,24 @@ class DemoWorld:
     def coco_dir(self) -> Path:
         return self.root / "coco"
 
+    def checksum(self) -> str:
+        """sha256 of the world's model weights: two worlds with the same checksum give the same
+        figures. Pretraining runs in floating point on the CPU, so another instruction set or
+        thread count can build other weights from the same seed (and other base scores)."""
+        h = hashlib.sha256()
+        for path in sorted(self.model_dir.glob("*.safetensors")):
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        return h.hexdigest()
+
+    def describe(self) -> str:
+        """One line: where the world is, its checksum and how it was built."""
+        info = json.loads((self.root / "COMPLETE").read_text())
+        how = ", ".join(f"{k} {info[k]}" for k in ("threads", "cpu", "torch") if k in info)
+        return (f"demo world {self.root.name}: model sha256 {info.get('sha256') or self.checksum()}"
+                f" (built in {info.get('seconds')} s{', ' + how if how else ''})")
+
 
 def default_cache_dir() -> Path:
     env = os.environ.get("LOOP_DEMO_DIR")
@@ -93,14 +112,23 @@ def build_cached(root: Path, build, *, what: str, version: int, seed: int) -> De
     t0 = time.time()
     log.info("building the %s (seed %d) in %s; this happens once", what, seed, root)
     build(DemoWorld(tmp))
-    (tmp / "COMPLETE").write_text(json.dumps({"version": version, "seed": seed,
-                                              "seconds": round(time.time() - t0, 1)}))
+    (tmp / "COMPLETE").write_text(json.dumps({
+        "version": version, "seed": seed, "seconds": round(time.time() - t0, 1),
+        "sha256": DemoWorld(tmp).checksum(), **_build_machine()}))
     if root.exists():  # another process won the race
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         tmp.rename(root)
     log.info("%s ready in %.0f s", what, time.time() - t0)
     return world
+
+
+def _build_machine() -> dict:
+    """What decides the weights besides the seed: threads, CPU instruction set, torch."""
+    import torch
+
+    return {"threads": torch.get_num_threads(), "cpu": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__}
 
 
 def build_world(world: DemoWorld, seed: int) -> None:
