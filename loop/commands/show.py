@@ -112,7 +112,11 @@ def cycle_view(store: Store, run_id: int, index: int, limit: int = 5) -> dict[st
                         "See them with `python -m loop log`.")
     for key in ("candidate", "dev", "dev_ci", "paired", "error_profile", "eval_ids"):
         cycle[key] = cycle[key] or {}
+    cycle["subsets"] = cycle.get("subsets") or {}
     champion = champion_eval_ids(cycles, baseline_evals, before=index)
+    judged = cycle["subsets"].get("judged") or {}
+    champion.update({b: j["champion_eval_id"] for b, j in judged.items()
+                     if j.get("champion_eval_id") is not None})
     examples = {}
     for bench, eval_id in cycle["eval_ids"].items():
         previous = champion.get(bench) if cycle["status"] != "baseline" else None
@@ -195,6 +199,37 @@ def _example(prev: dict | None, new: dict) -> dict[str, Any]:
             "after_parsed": new["parsed"], "labels": new["labels"] or (prev or {}).get("labels")}
 
 
+UNITS = {"gqa_ru": "images", "mmbench_ru": "question groups"}
+
+
+def _sizes(sides: dict[str, dict]) -> str:
+    return ", ".join(f"{b} n={x['n']} ({x['units']} {UNITS.get(b, 'units')})"
+                     for b, x in sides.items())
+
+
+def subset_lines(subsets: dict[str, Any]) -> list[str]:
+    """Which subset played which role in the cycle, and where a dev evaluation stopped."""
+    lines = []
+    if subsets.get("profile"):
+        lines.append("error profile from: the analysis subset, "
+                     + _sizes(subsets["profile"]))
+    judged = subsets.get("judged") or {}
+    for name, verb in (("dev", "judged on: the dev subset, "),
+                       ("analysis", "measured on: the analysis subset (no test), ")):
+        mine = {b: x for b, x in judged.items() if x["subset"] == name}
+        if mine:
+            lines.append(verb + _sizes(mine))
+    stopped = {b: x["progress"] for b, x in judged.items()
+               if (x.get("progress") or {}).get("stopped")}
+    for b, p in stopped.items():
+        lines.append(f"{b}: stopped for futility after {p['units_done']}/{p['units_total']} "
+                     f"{UNITS.get(b, 'units')} ({p['n_done']}/{p['n_total']} questions, {p['seconds']:.0f} s "
+                     f"of an estimated {p['full_s_est']:.0f} s)")
+    if stopped:
+        lines.append(f"futility: {next(iter(stopped.values()))['reason']}")
+    return lines
+
+
 def profile_rows(profile: dict[str, Any]) -> list[list[Any]]:
     """Rows of (benchmark, label, count, share) from ``{bench: ErrorProfile.to_dict()}``,
     ``{bench: {label: n}}`` or ``{label: n}``."""
@@ -224,6 +259,7 @@ def render(view: dict[str, Any]) -> str:
     if view["adapter_id"] is not None:
         lines.append(f"adapter: {view['adapter_id']}")
     lines.append(f"duration: {format_duration(view['duration_s'])}")
+    lines += subset_lines(view.get("subsets") or {})
     lines.append(f"files: {view['run_dir']}")
     for p in view.get("proposals", []):
         if p["data_file"]:
