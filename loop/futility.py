@@ -166,3 +166,43 @@ def replay(benchmark_tables: dict[str, tuple[list[dict], list[dict]]], *, seed: 
     reason = run_chunks(evals, _Result, should_stop)
     return {"stopped": reason, "n_done": sum(len(e.samples) for e in evals.values()),
             "n_total": sum(len(s) for s, _ in benchmark_tables.values())}
+
+
+def replay_run(store, run_id: int, *, min_questions: int) -> list[dict]:
+    """Replay the rule over every stored candidate dev evaluation of a run that ran to the end,
+    against the champion's dev answers it was compared with, at the α_k it was tested at.
+
+    Returns one row per cycle: its status, whether the replayed rule would have stopped it (and
+    why), and the questions it would have evaluated of the total. A stopped evaluation has no
+    full test to compare with; its row says so.
+    """
+    from loop.decision import futile
+
+    alpha = float((store.get_run(run_id).get("config") or {}).get("alpha", 0.05))
+    seed = int((store.get_run(run_id).get("config") or {}).get("seed", 0))
+    rows = []
+    for c in store.cycles(run_id):
+        judged = (c.get("subsets") or {}).get("judged") or {}
+        tested = {b: j for b, j in judged.items()
+                  if j["subset"] == "dev" and (c["paired"].get(b) or {}).get("k")}
+        if not tested:
+            continue
+        progress = {b: store.evaluation(c["eval_ids"][b]).get("progress") or {}
+                    for b in tested}
+        row = {"cycle": c["index"], "strategy": c["strategy"], "status": c["status"]}
+        if any(p.get("stopped") for p in progress.values()):
+            rows.append({**row, "live": "stopped", "replay": None})
+            continue
+        tables = {b: (_samples(store, j["champion_eval_id"]), _samples(store, c["eval_ids"][b]))
+                  for b, j in tested.items()}
+        at = {b: c["paired"][b]["alpha"] for b in tested}
+        out = replay(tables, seed=seed, min_questions=min_questions,
+                     should_stop=lambda bounds, at=at: futile(bounds, at, alpha))
+        rows.append({**row, "live": "full", "replay": out})
+    return rows
+
+
+def _samples(store, eval_id: int) -> list[dict]:
+    mmbench = store.evaluation(eval_id)["benchmark"] == "mmbench_ru"
+    return [{**p, "index": int(p["sample_id"])} if mmbench else dict(p)
+            for p in store.predictions(eval_id)]

@@ -15,6 +15,7 @@ from loop.budget import Budget, CostModel, priors
 from loop.cli import main
 from loop.controller import Loop, RunConfig
 from loop.decision import SETTING_ONLY_REASON, comparisons_made
+from loop.futility import replay_run
 from loop.store import Store
 from loop.workbench import Workbench
 from strategies.base import Strategy
@@ -181,6 +182,9 @@ def test_the_profile_a_candidate_is_built_from_shares_no_question_with_its_paire
     champion2, scores2 = again.baseline()
     again.choose_next(champion2, scores2)
     assert len(store.evaluations(loop.run_id, role="analysis")) == 4
+    # replaying the futility rule over the stored evaluations does not stop the accepted one
+    (row,) = replay_run(store, loop.run_id, min_questions=4)
+    assert row["status"] == "accepted" and row["replay"]["stopped"] is None
 
 
 def test_a_setting_under_benchmark_is_measured_on_the_analysis_subset_and_spends_no_alpha(world):
