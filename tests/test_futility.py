@@ -8,8 +8,10 @@ tables including borderline accepted ones, and on clearly worse candidates, whic
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from functools import partial
+from pathlib import Path
 
 import pytest
 
@@ -166,3 +168,42 @@ def test_chunks_hold_whole_units_in_one_order_for_every_candidate():
     assert units == [{s["cluster"] for s in c} for c in again]
     assert all(not (a & b) for a, b in itertools.combinations(units, 2))
     assert sum(len(c) for c in first) == len(samples) and all(len(c) >= 5 for c in first)
+
+
+DEMO_RUN = Path(__file__).parent / "data" / "futility_demo_run.json"
+
+
+def _stored(benchmark: str, questions: list, outcomes: str) -> list[dict]:
+    out = []
+    for (sample_id, cluster), bit in zip(questions, outcomes):
+        s = {"sample_id": sample_id, "cluster": cluster, "correct": bit == "1",
+             "correct_normalized": bit == "1", "image_ok": True, "category": "c", "labels": []}
+        if benchmark == "mmbench_ru":
+            s.update(index=int(sample_id), n_options=2, parsed="A", output="A")
+        out.append(s)
+    return out
+
+
+def test_replaying_a_default_demo_runs_evaluations_loses_no_accepted_candidate():
+    """Every candidate of a default 5-minute demo run (bench/futility.py --complete --export:
+    the stopped ones evaluated in full afterwards), each against the champion it faced at the
+    α_k it was tested at: the full test's decision is reproduced, the rule never stops an
+    accepted one, and it stops the rejected ones early."""
+    run = json.loads(DEMO_RUN.read_text())
+    alpha, statuses, done, total = run["alpha"], [], 0, 0
+    for c in run["cycles"]:
+        tables = {b: (_stored(b, run["questions"][b], c["champion"][b]),
+                      _stored(b, run["questions"][b], c["candidate"][b])) for b in c["champion"]}
+        champ = {b: _scored(b, t[0]) for b, t in tables.items()}
+        cand = {b: _scored(b, t[1]) for b, t in tables.items()}
+        full, _ = judge(champ, cand, alpha=alpha, k_done=min(c["k"].values()) - 1,
+                        setting_only=False, objective="benchmark")
+        assert full == c["full"], c["cycle"]
+        out = replay(tables, seed=run["seed"], min_questions=run["min_questions"],
+                     should_stop=lambda bounds, at=c["alpha_k"]: futile(bounds, at, alpha))
+        if full == "accepted":
+            assert out["stopped"] is None, c["cycle"]
+        statuses.append(full)
+        done, total = done + out["n_done"], total + out["n_total"]
+    assert statuses.count("accepted") >= 1 and statuses.count("rejected") >= 5
+    assert done < 0.7 * total  # the rule saves at least 30% of the questions

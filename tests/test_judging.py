@@ -231,6 +231,7 @@ def test_a_clearly_worse_candidate_stops_early_with_its_reason_stored_and_shown(
     capsys.readouterr()
     assert main(["show", "1", "--db", str(world.db)]) == 0
     shown = capsys.readouterr().out
-    assert "stopped for futility" in shown and "futility: " in shown
+    assert "gqa_ru: stopped for futility after" in shown
+    assert "rule: stopped for futility: cannot pass its α_k" in shown
     assert "error profile from: the analysis subset, gqa_ru n=30 (10 images)" in shown
     assert "judged on: the dev subset" in shown

@@ -219,14 +219,13 @@ def subset_lines(subsets: dict[str, Any]) -> list[str]:
         mine = {b: x for b, x in judged.items() if x["subset"] == name}
         if mine:
             lines.append(verb + _sizes(mine))
-    stopped = {b: x["progress"] for b, x in judged.items()
-               if (x.get("progress") or {}).get("stopped")}
-    for b, p in stopped.items():
-        lines.append(f"{b}: stopped for futility after {p['units_done']}/{p['units_total']} "
-                     f"{UNITS.get(b, 'units')} ({p['n_done']}/{p['n_total']} questions, {p['seconds']:.0f} s "
-                     f"of an estimated {p['full_s_est']:.0f} s)")
-    if stopped:
-        lines.append(f"futility: {next(iter(stopped.values()))['reason']}")
+    for b, x in judged.items():
+        p = x.get("progress") or {}
+        if p.get("stopped"):
+            lines.append(f"{b}: stopped for futility after {p['units_done']}/"
+                         f"{p['units_total']} {UNITS.get(b, 'units')} ({p['n_done']}/"
+                         f"{p['n_total']} questions, {p['seconds']:.1f} s of an estimated "
+                         f"{p['full_s_est']:.1f} s)")
     return lines
 
 
