@@ -152,7 +152,8 @@ def _ids(store, eval_id) -> set[str]:
     return {p["sample_id"] for p in store.predictions(eval_id)}
 
 
-def test_the_profile_a_candidate_is_built_from_shares_no_question_with_its_paired_test(world):
+def test_the_profile_a_candidate_is_built_from_shares_no_question_with_its_paired_test(world,
+                                                                                     capsys):
     """The planted dependency: a remedy that reads the champion's wrong answers through its
     context. Those answers must come from questions the paired test never uses."""
     loop = world.make(["fake_good"])
@@ -182,6 +183,10 @@ def test_the_profile_a_candidate_is_built_from_shares_no_question_with_its_paire
     champion2, scores2 = again.baseline()
     again.choose_next(champion2, scores2)
     assert len(store.evaluations(loop.run_id, role="analysis")) == 4
+    capsys.readouterr()
+    assert main(["show", "0", "--db", str(world.db)]) == 0
+    assert "error profile from: the analysis subset, gqa_ru n=30 (10 images)" in (
+        capsys.readouterr().out)
     # replaying the futility rule over the stored evaluations does not stop the accepted one
     (row,) = replay_run(store, loop.run_id, min_questions=4)
     assert row["status"] == "accepted" and row["replay"]["stopped"] is None
