@@ -18,7 +18,7 @@ from pathlib import Path
 import strategies
 from core.evaluate import EvalConfig
 from core.exceptions import UserError
-from loop import hpo_share
+from loop import hpo_share, judging
 from loop.budget import Budget, CostModel, fmt_s, priors
 from loop.decision import OBJECTIVES, comparisons_made, judge, paired_scores
 from loop.policy import DISTILLER, Choice, choose, stop_reason
@@ -129,6 +129,8 @@ class Loop:
         self.history: list[dict] = []
         self.exhausted: set[str] = set()  # nothing left to try in this run
         self.blocked: set[str] = set()  # could not propose; not again before a new champion
+        self.since = 0  # the cycle whose candidate is the champion (0: the base model)
+        self.analysis: dict[str, Scored] | None = None  # the champion on the analysis subsets
         self.report = RunReporter(Tracker())  # --report-to: a copy of the numbers, off by default
 
     # ------------------------------------------------------------ the recipe
@@ -266,7 +268,7 @@ class Loop:
             self.history.append(_history_entry(c["index"], c["strategy"], c["status"],
                                                c.get("candidate"), c.get("paired") or {}))
             if c["status"] == "accepted":
-                champion = Candidate.from_dict(c["candidate"])
+                champion, self.since = Candidate.from_dict(c["candidate"]), c["index"]
                 scores = {b: self.bench.load_scored(i) for b, i in c["eval_ids"].items()}
         sets = self.store.proposal(self.run_id, 0, "strategy-sets")
         if sets is not None:  # what a resumed run had ruled out stays ruled out
@@ -281,12 +283,15 @@ class Loop:
                                   "blocked": sorted(self.blocked)})
 
     def choose_next(self, champion: Candidate, scores: dict[str, Scored]):
-        """Diagnose the champion's dev errors and let the policy pick a strategy that fits."""
+        """Diagnose the champion's errors on the analysis subsets (never on dev, which judges)
+        and let the policy pick a strategy that fits."""
         cfg = self.config
         if cfg.max_cycles is not None and len(self.history) >= cfg.max_cycles:
             return None
         index = len(self.history) + 1
-        profiles = {b: self.bench.error_profile(s) for b, s in scores.items()}
+        self.analysis = judging.champion_analysis(self.bench, champion, self.since,
+                                                  self.analysis)
+        profiles = {b: self.bench.error_profile(s) for b, s in self.analysis.items()}
         stored = self.store.proposal(self.run_id, index, "choice")
         if stored is not None and self.budget.left_for_cycles() > 0:
             # A cycle cut short by a crash is done again as it was decided, with the time it had.
@@ -343,15 +348,23 @@ class Loop:
             candidate = strategies.get(choice.strategy).propose(ctx)
             candidate.adapter_id = self._adapter_id(candidate.adapter_path, champion)
             setting_only = candidate.adapter_path == champion.adapter_path
-            if self.config.objective == "benchmark" and not setting_only:
-                # An adapter is judged by the exact lmms-eval protocol, whatever settings it
-                # came with.
-                candidate.eval_configs = {b: EvalConfig() for b in BENCHMARKS}
-            results = {b: self.score_candidate(candidate, champion, scores, b, index)
-                       for b in BENCHMARKS}
-            status, paired = judge(scores, results, alpha=self.config.alpha,
-                                   k_done=comparisons_made(self.history),
-                                   setting_only=setting_only, objective=self.config.objective)
+            k_done, stopped = comparisons_made(self.history), None
+            if self.config.objective == "benchmark" and setting_only:
+                # It cannot win, only feed context distillation: measured on the analysis
+                # subsets, it looks at no question that judges.
+                subset, reference = "analysis", self.analysis
+                results = judging.on_analysis(self.bench, candidate, reference)
+            else:
+                if self.config.objective == "benchmark":
+                    # An adapter is judged by the exact lmms-eval protocol, whatever settings
+                    # it came with.
+                    candidate.eval_configs = {b: EvalConfig() for b in BENCHMARKS}
+                subset, reference = "dev", scores
+                results, stopped = judging.on_dev(self.bench, candidate, scores,
+                                                  alpha=self.config.alpha, k_done=k_done)
+            status, paired = judge(reference, results, alpha=self.config.alpha, k_done=k_done,
+                                   setting_only=setting_only, objective=self.config.objective,
+                                   subset=subset, stopped=stopped)
         except Exhausted as exc:
             self.exhausted.add(choice.strategy)
             self.save_strategy_sets()
@@ -374,10 +387,12 @@ class Loop:
             self.record_cycle(index, choice, champion, None, {}, "failed", t0,
                               error=f"{type(exc).__name__}: {exc}")
             return champion, scores
-        self.record_cycle(index, choice, champion, candidate, results, status, t0, paired=paired)
+        self.record_cycle(index, choice, champion, candidate, results, status, t0, paired=paired,
+                          subset=subset, reference=reference)
         if status == "accepted":
             self.blocked.clear()
             self.save_strategy_sets()
+            self.since = index
             return candidate, results
         if candidate.adapter_path != champion.adapter_path:
             self.bench.drop(candidate.adapter_path)
@@ -503,48 +518,45 @@ class Loop:
                 return a["id"]
         return None
 
-    def score_candidate(self, candidate: Candidate, champion: Candidate,
-                        scores: dict[str, Scored], b: str, index: int) -> Scored:
-        """Evaluate on dev, or reuse the champion's results where nothing changed for ``b``."""
-        same = (candidate.adapter_path == champion.adapter_path
-                and candidate.eval_configs[b].to_dict() == champion.eval_configs[b].to_dict())
-        if same:
-            return scores[b]
-        result = self.bench.run_eval(b, candidate.eval_configs[b], candidate.adapter_path,
-                                     self.bench.dev[b])
-        return Scored(b, result.samples, result.metrics, -1, candidate.eval_configs[b].to_dict(),
-                      candidate.adapter_path, result=result)
-
     def record_cycle(self, index, choice, champion, candidate, results, status, t0, *,
-                     paired=None, error=None):
+                     paired=None, error=None, subset="dev", reference=None):
         key = f"cycle-{index}"
         with self.store.transaction():
             eval_ids = {}
             for b, s in results.items():
                 if s.eval_id == -1:
                     s.eval_id = self.bench.record(candidate, b, s.result, role="candidate",
-                                                  cycle_index=index, split="dev")
+                                                  cycle_index=index, split=subset,
+                                                  progress=s.progress)
                 eval_ids[b] = s.eval_id
+            subsets = judging.roles(self.analysis or {}, results, subset, reference or {})
+            # ``dev`` holds dev accuracies only: a candidate measured on the analysis subsets
+            # has its numbers in ``subsets`` and ``paired``
+            on_dev = results if subset == "dev" else {}
             self.store.add_cycle(
                 run_id=self.run_id, index=index, strategy=choice.strategy, status=status,
                 rationale=choice.rationale, candidate=candidate.to_dict() if candidate else {},
-                dev={b: s.metrics["accuracy"] for b, s in results.items()},
-                dev_ci={b: s.metrics["ci"] for b, s in results.items()},
+                dev={b: s.metrics["accuracy"] for b, s in on_dev.items()},
+                dev_ci={b: s.metrics["ci"] for b, s in on_dev.items()},
                 paired=paired or {}, error_profile={b: p.to_dict() for b, p in choice.profiles.items()},
                 duration_s=time.time() - t0,
                 adapter_id=candidate.adapter_id if candidate else None, eval_ids=eval_ids,
-                error=error)
+                error=error, subsets=subsets)
             self.store.finish_step(self.run_id, key, {"status": status})
             self.store.update_run(self.run_id, spent_s=self.budget.spent())
         self.history.append(_history_entry(index, choice.strategy, status,
                                            candidate.to_dict() if candidate else None,
                                            paired or {}))
-        self.report.cycle(index, choice.strategy, status, choice.rationale, results, paired or {},
-                          error)
+        self.report.cycle(index, choice.strategy, status, choice.rationale, on_dev,
+                          paired or {}, error)
+        stops = [f"{b} {p['progress']['n_done']}/{p['progress']['n_total']}"
+                 for b, p in (paired or {}).items() if (p.get("progress") or {}).get("stopped")]
         self.echo(f"cycle {index}: {choice.strategy} {status}"
-                  + (f" ({_fmt_scores(results)}; " + ", ".join(
+                  + (f" ({subset}: {_fmt_scores(results)}; " + ", ".join(
                       f"{b} p={p['p_value']:.3g}" for b, p in (paired or {}).items()) + ")"
-                     if results else f" ({error})"))
+                     if results else f" ({error})")
+                  + (f"; stopped for futility after {', '.join(stops)} questions" if stops
+                     else ""))
 
     def write_report(self) -> str | None:
         try:

@@ -10,7 +10,13 @@ counting where it stopped.
 
 Under ``--objective benchmark`` the headline is the exact lmms-eval protocol, so only an
 adapter can win; a candidate that changes only prompt/decoding/likelihood settings is still
-measured and recorded (context distillation reads it), but rejected.
+measured and recorded (context distillation reads it), but rejected. It is measured on the
+*analysis* subset (``subset="analysis"``), not on dev: it spends no α_k, and the setting a
+distillation carries is chosen without looking at the questions that judge the distilled
+adapter.
+
+A dev evaluation may stop early for futility (``loop.futility``, ``futile``): the candidate
+is then rejected with the reason, its rows carry the partial test and where it stopped.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from core.metrics import comparison_alpha, group_outcomes, paired_test
 
 OBJECTIVES = ("benchmark", "deployment")
 SETTING_ONLY_REASON = "a prompt/decoding setting cannot win under --objective benchmark"
+ANALYSIS_NOTE = ("measured on the analysis subset, not on dev: no test, it feeds context "
+                 "distillation")
 
 
 def paired_scores(champ, cand):
@@ -41,6 +49,49 @@ def paired_scores(champ, cand):
                        clusters=None if None in clusters else clusters)
 
 
+def restrict(scored, to):
+    """``scored`` (a ``Scored``) cut to the questions ``to`` (a partial ``Scored``) answered."""
+    from dataclasses import replace
+
+    ids = {s["sample_id"] for s in to.samples}
+    # only the paired test reads it: no metrics of its own
+    return replace(scored, samples=[s for s in scored.samples if s["sample_id"] in ids],
+                   metrics={})
+
+
+def levels(changed: list[str], *, alpha: float, k_done: int) -> dict[str, tuple[int, float]]:
+    """benchmark -> (k, α_k) for the benchmarks a candidate changed, in that order."""
+    return {b: (k_done + i + 1, comparison_alpha(alpha, k_done + i + 1))
+            for i, b in enumerate(changed)}
+
+
+def futile(bounds: dict[str, dict], at: dict[str, float], alpha: float) -> str | None:
+    """Why no way of answering the remaining dev units can get the candidate accepted, or None.
+
+    ``bounds``: benchmark -> ``loop.futility.best_case`` of each benchmark the candidate
+    changed (an unchanged one has diff 0 and no test); ``at``: benchmark -> its α_k. The
+    mirror of ``_accept`` on the best case, which bounds every completion (``loop.futility``).
+    """
+    def where(b):
+        x = bounds[b]
+        return f"{b} after {x['units_done']}/{x['units_total']} units"
+
+    worse = [b for b, x in bounds.items() if x["best_diff"] < 0 and x["best_p"] < alpha]
+    if worse:
+        return ("significantly worse whatever the remaining units answer: " + "; ".join(
+            f"{where(b)}, best case diff {100 * bounds[b]['best_diff']:+.1f} pts, "
+            f"p={bounds[b]['best_p']:.3g} < α={alpha:g}" for b in worse))
+    if not any(x["best_diff"] > 0 and x["best_p"] < at[b] for b, x in bounds.items()):
+        return ("cannot pass its α_k even if it answers every remaining unit right: " + "; ".join(
+            f"{where(b)}, best case diff {100 * x['best_diff']:+.1f} pts, "
+            f"p={x['best_p']:.3g} vs α_k={at[b]:.3g}" for b, x in bounds.items()))
+    if sum(x["best_diff"] for x in bounds.values()) <= 0:
+        return ("cannot be ahead summed over benchmarks even if it answers every remaining "
+                "unit right: " + ", ".join(
+                    f"{where(b)}: {100 * x['best_diff']:+.1f} pts" for b, x in bounds.items()))
+    return None
+
+
 def comparisons_made(history: list[dict]) -> int:
     """How many paired comparisons the run has made on dev (the largest stored k)."""
     return max((int(p.get("k") or 0) for h in history
@@ -48,7 +99,8 @@ def comparisons_made(history: list[dict]) -> int:
 
 
 def judge(champ: dict, cand: dict, *, alpha: float, k_done: int, setting_only: bool,
-          objective: str) -> tuple[str, dict[str, dict]]:
+          objective: str, subset: str = "dev", stopped: str | None = None
+          ) -> tuple[str, dict[str, dict]]:
     """Decide on a candidate and say why.
 
     Args:
@@ -59,6 +111,10 @@ def judge(champ: dict, cand: dict, *, alpha: float, k_done: int, setting_only: b
         k_done: Comparisons the run made before this one (``comparisons_made``).
         setting_only: The candidate keeps the champion's adapter and changes only settings.
         objective: "benchmark" or "deployment".
+        subset: "dev" (a comparison: it spends α_k) or "analysis" (a setting-only candidate
+            under ``--objective benchmark``, measured for context distillation: no test).
+        stopped: Why the dev evaluation stopped for futility; the candidate's ``Scored`` then
+            cover part of dev (their ``progress`` says which) and the test runs on that part.
 
     Returns:
         ("accepted" | "rejected", benchmark -> the paired record: the test's fields plus
@@ -68,10 +124,16 @@ def judge(champ: dict, cand: dict, *, alpha: float, k_done: int, setting_only: b
     paired: dict[str, dict] = {}
     k = k_done
     for b in champ:
-        result = paired_scores(champ[b], cand[b])
+        progress = getattr(cand[b], "progress", None)
+        partial = progress is not None and progress["n_done"] < progress["n_total"]
+        result = paired_scores(restrict(champ[b], cand[b]) if partial else champ[b], cand[b])
         row = result.to_dict()
         if cand[b] is champ[b]:
             row.update(k=None, alpha=None, better=False, reason="not changed: no test")
+        elif subset == "analysis":
+            row.update(k=None, alpha=None, better=False, reason=(
+                f"{ANALYSIS_NOTE}; diff {100 * result.diff:+.1f} pts "
+                f"[{100 * result.diff_low:+.1f}, {100 * result.diff_high:+.1f}]"))
         else:
             k += 1
             level = comparison_alpha(alpha, k)
@@ -80,9 +142,19 @@ def judge(champ: dict, cand: dict, *, alpha: float, k_done: int, setting_only: b
                 f"p={result.p_value:.3g} {'<' if result.p_value < level else '>='} "
                 f"α_{k}={level:.3g}, diff {100 * result.diff:+.1f} pts "
                 f"[{100 * result.diff_low:+.1f}, {100 * result.diff_high:+.1f}]"))
+            if partial:
+                row["better"] = False  # only the full test accepts
+                row["reason"] = (f"partial test on {progress['units_done']}/"
+                                 f"{progress['units_total']} units: " + row["reason"])
+        row["subset"] = subset
+        if progress is not None:
+            row["progress"] = progress
         paired[b] = row
     if setting_only and objective == "benchmark":
-        status, decision = "rejected", SETTING_ONLY_REASON
+        status, decision = "rejected", SETTING_ONLY_REASON + (
+            f" ({ANALYSIS_NOTE})" if subset == "analysis" else "")
+    elif stopped:
+        status, decision = "rejected", f"stopped for futility: {stopped}"
     else:
         status, decision = _accept(paired, alpha)
     for row in paired.values():

@@ -38,9 +38,10 @@ _JSON_COLUMNS = {
     "loop_runs": ("config", "environment", "baseline", "final", "final_n", "final_deployed",
                   "final_p"),
     "loop_steps": ("result",),
-    "loop_evaluations": ("metrics", "candidate"),
+    "loop_evaluations": ("metrics", "candidate", "progress"),
     "loop_predictions": ("labels",),
-    "loop_cycles": ("candidate", "dev", "dev_ci", "paired", "error_profile", "eval_ids"),
+    "loop_cycles": ("candidate", "dev", "dev_ci", "paired", "error_profile", "eval_ids",
+                    "subsets"),
     "loop_adapters": ("config", "metrics"),
     "loop_proposals": ("payload",),
 }
@@ -413,13 +414,15 @@ class Store:
     def add_evaluation(self, *, run_id: int | None, cycle_index: int | None, role: str,
                        benchmark: str, split: str, protocol: str, metrics: dict, n: int,
                        seconds: float, adapter_id: int | None = None,
-                       candidate: dict | None = None) -> int:
-        """Record one evaluation (role: baseline, candidate, final_baseline, final_champion,
-        manual); returns its id."""
+                       candidate: dict | None = None, progress: dict | None = None) -> int:
+        """Record one evaluation (role: baseline, analysis, candidate, final_baseline,
+        final_champion, manual; split: dev, analysis or final); returns its id. ``progress``:
+        a chunked dev evaluation's units done and total and why it stopped."""
         return self._insert("loop_evaluations", {
             "run_id": run_id, "cycle_index": cycle_index, "role": role, "benchmark": benchmark,
             "split": split, "protocol": protocol, "metrics": metrics, "n": n, "seconds": seconds,
-            "adapter_id": adapter_id, "candidate": candidate, "created_at": _now(),
+            "adapter_id": adapter_id, "candidate": candidate, "progress": progress,
+            "created_at": _now(),
         })
 
     def add_predictions(self, eval_id: int, rows: list[dict[str, Any]]) -> None:
@@ -460,14 +463,14 @@ class Store:
     def add_cycle(self, *, run_id: int, index: int, strategy: str, status: str, rationale: str,
                   candidate: dict, dev: dict, dev_ci: dict, paired: dict, error_profile: dict,
                   duration_s: float, adapter_id: int | None, eval_ids: dict,
-                  error: str | None = None) -> int:
+                  error: str | None = None, subsets: dict | None = None) -> int:
         """Record one cycle's decision (accepted, rejected or failed); returns its row id."""
         return self._insert("loop_cycles", {
             "run_id": run_id, "cycle_index": index, "strategy": strategy, "status": status,
             "rationale": rationale, "candidate": candidate, "dev": dev, "dev_ci": dev_ci,
             "paired": paired, "error_profile": error_profile, "duration_s": duration_s,
             "adapter_id": adapter_id, "eval_ids": eval_ids, "error": error,
-            "created_at": _now(),
+            "subsets": subsets, "created_at": _now(),
         })
 
     def cycles(self, run_id: int) -> list[dict[str, Any]]:
@@ -622,3 +625,11 @@ def m101_proposals_and_resumes(db: Database) -> None:
     db["loop_resumes"].create({
         "id": int, "run_id": int, "at": str, "spent_s": float, "pid": int, "redone": int,
     }, pk="id", foreign_keys=[("run_id", "loop_runs", "id")])
+
+
+@migrations()
+def m110_analysis_and_futility(db: Database) -> None:
+    """Where a chunked dev evaluation stopped and why (``progress``), and which subset played
+    which role in a cycle (``subsets``: the error profile's, the judging one's)."""
+    db["loop_evaluations"].add_column("progress", str)
+    db["loop_cycles"].add_column("subsets", str)

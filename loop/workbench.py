@@ -38,6 +38,9 @@ class Scored:
     adapter_path: str | None = None
     result: Any = None
     """The EvalResult while it is not recorded yet (eval_id -1)."""
+    progress: dict | None = None
+    """A chunked dev evaluation's progress (``loop.futility``): units and questions done of
+    the total, whether and why it stopped for futility, the best-case bound."""
 
 
 class Workbench(ModelBench):
@@ -156,11 +159,12 @@ class Workbench(ModelBench):
                       candidate.adapter_path)
 
     def record(self, candidate: Candidate, benchmark: str, result, *, role: str,
-               cycle_index: int | None, split: str) -> int:
+               cycle_index: int | None, split: str, progress: dict | None = None) -> int:
         eval_id = self.store.add_evaluation(
             run_id=self.run_id, cycle_index=cycle_index, role=role, benchmark=benchmark,
             split=split, protocol=result.protocol, metrics=result.metrics, n=result.n,
-            seconds=result.seconds, adapter_id=candidate.adapter_id, candidate=candidate.to_dict())
+            seconds=result.seconds, adapter_id=candidate.adapter_id, candidate=candidate.to_dict(),
+            progress=progress)
         self.store.add_predictions(eval_id, result.samples)
         return eval_id
 
@@ -176,7 +180,8 @@ class Workbench(ModelBench):
             samples.append(s)
         cand = ev.get("candidate") or {}
         return Scored(b, samples, ev["metrics"] or summarize(b, samples), eval_id,
-                      (cand.get("eval_configs") or {}).get(b, {}), cand.get("adapter_path"))
+                      (cand.get("eval_configs") or {}).get(b, {}), cand.get("adapter_path"),
+                      progress=ev.get("progress"))
 
     def error_profile(self, scored: Scored):
         samples = [{"example": self.by_id[scored.benchmark][s["sample_id"]],

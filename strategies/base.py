@@ -1,7 +1,8 @@
 """The one contract every remedy follows.
 
 The controller calls ``Strategy.propose(ctx)`` once per cycle, after it has diagnosed the
-champion's errors on dev and the policy has chosen this strategy. The strategy returns a
+champion's errors on the analysis subset (never on dev, which judges) and the policy has
+chosen this strategy. The strategy returns a
 ``Candidate``: the evaluation settings per benchmark and the adapter to evaluate them with. A
 strategy that trains does so through ``ctx.train`` (which time-boxes and records the run), so
 the candidate it returns is always ready to evaluate; the controller then evaluates it on dev,
@@ -87,7 +88,8 @@ class Context:
     seed: int
     champion: Candidate
     profiles: dict[str, Any]
-    """benchmark -> core.error_profile.ErrorProfile of the champion on the dev subset."""
+    """benchmark -> core.error_profile.ErrorProfile of the champion on the analysis subset
+    (``tune_examples``), disjoint from the dev questions that judge the candidate."""
     history: list[dict]
     """Past cycles of this run: {"index", "strategy", "status", "gain", "candidate"}."""
     time_left_s: float
@@ -109,7 +111,8 @@ class Context:
     evaluate: Callable[..., Any]
     """evaluate(benchmark, eval_config, *, adapter_path, examples=None) -> EvalResult."""
     tune_examples: dict[str, list[dict]] = field(default_factory=dict)
-    """benchmark -> dev questions outside the decision subset, for strategies that search."""
+    """benchmark -> the analysis subset: dev-split questions outside the dev subset that judges,
+    for the champion's error profile and for strategies that search."""
     optuna_storage: str | None = None
     """Optuna storage URL: experiments.db's ``sqlite:///...`` (Optuna owns its own tables
     there), or the shared storage given with ``loop run --storage``."""

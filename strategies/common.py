@@ -33,7 +33,8 @@ class Variant:
 
 
 def share(ctx: Context, benchmark: str, label: str) -> float:
-    """The share of ``label`` among the champion's dev errors on ``benchmark`` (0 when unknown)."""
+    """The share of ``label`` among the champion's errors on ``benchmark``'s analysis subset
+    (0 when unknown)."""
     profile = ctx.profiles.get(benchmark)
     if profile is None or not profile.n_errors:
         return 0.0
@@ -103,7 +104,7 @@ def propose_next_variant(ctx: Context, strategy: str, variants: list[Variant],
         raise Exhausted(f"every {what} has been evaluated with this champion")
     variant, config = found
     fmt = share(ctx, variant.benchmark, "format_mismatch")
-    why = (f"{fmt:.0%} of the champion's {variant.benchmark} dev errors are format "
+    why = (f"{fmt:.0%} of the champion's {variant.benchmark} errors (analysis subset) are format "
            f"mismatches; next untried {what} '{variant.name}'")
     log.info("%s: %s", strategy, why)
     return variant_candidate(ctx, strategy, variant, config, why)

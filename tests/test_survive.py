@@ -122,7 +122,8 @@ def test_sigkill_at_every_phase_then_resume_loses_and_doubles_nothing(demo_world
     assert indices == list(range(1, len(indices) + 1))
     doubled = con.execute(
         "select count(*) from (select 1 from loop_evaluations where role != 'candidate' "
-        "group by run_id, role, benchmark, split having count(*) > 1)").fetchone()[0]
+        "group by run_id, role, benchmark, split, cycle_index having count(*) > 1)"
+    ).fetchone()[0]
     doubled += con.execute(
         "select count(*) from (select 1 from loop_evaluations where role = 'candidate' "
         "group by cycle_index, benchmark having count(*) > 1)").fetchone()[0]
@@ -136,9 +137,11 @@ def test_sigkill_at_every_phase_then_resume_loses_and_doubles_nothing(demo_world
     assert redone <= len(killed)
     resumes = con.execute("select count(*) from loop_resumes").fetchone()[0]
     assert resumes == len(killed)
-    # The subsets were decided once and never re-sized: every dev evaluation has one size.
+    # The subsets were decided once and never re-sized: every dev evaluation that ran to the
+    # end (not stopped for futility) has one size.
     sizes = con.execute("select benchmark, count(distinct n) from loop_evaluations "
-                        "where split = 'dev' group by benchmark").fetchall()
+                        "where split = 'dev' and coalesce(json_extract(progress, '$.stopped'), "
+                        "0) = 0 group by benchmark").fetchall()
     assert all(k == 1 for _, k in sizes), sizes
     if "sft training" in killed:  # the training cut short went on from its checkpoint
         resumed = con.execute("select count(*) from loop_adapters where "

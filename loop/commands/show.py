@@ -112,7 +112,11 @@ def cycle_view(store: Store, run_id: int, index: int, limit: int = 5) -> dict[st
                         "See them with `python -m loop log`.")
     for key in ("candidate", "dev", "dev_ci", "paired", "error_profile", "eval_ids"):
         cycle[key] = cycle[key] or {}
+    cycle["subsets"] = cycle.get("subsets") or {}
     champion = champion_eval_ids(cycles, baseline_evals, before=index)
+    judged = cycle["subsets"].get("judged") or {}
+    champion.update({b: j["champion_eval_id"] for b, j in judged.items()
+                     if j.get("champion_eval_id") is not None})
     examples = {}
     for bench, eval_id in cycle["eval_ids"].items():
         previous = champion.get(bench) if cycle["status"] != "baseline" else None
@@ -127,11 +131,18 @@ def cycle_view(store: Store, run_id: int, index: int, limit: int = 5) -> dict[st
 
 
 def baseline_cycle(store: Store, run_id: int, evals: dict[str, dict]) -> dict[str, Any]:
-    """Cycle 0 built from the baseline evaluations when the run did not record one."""
-    profile = {}
-    for bench, ev in evals.items():
-        wrong = [p for p in store.predictions(ev["id"]) if not p["correct"]]
+    """Cycle 0 built from the baseline evaluations when the run did not record one; its error
+    profile is the base model's on the analysis subset (what the first choice saw), or on dev
+    for runs recorded before there was one."""
+    analysis = {e["benchmark"]: e for e in store.evaluations(run_id, role="analysis")
+                if e["cycle_index"] is None}
+    profile, sides = {}, {}
+    for bench, ev in (analysis or evals).items():
+        preds = store.predictions(ev["id"])
+        wrong = [p for p in preds if not p["correct"]]
         profile[bench] = dict(Counter(label for p in wrong for label in p["labels"]))
+        sides[bench] = {"subset": "analysis", "eval_id": ev["id"], "n": len(preds),
+                        "units": len({p["cluster"] for p in preds})}
     dev = {b: e["metrics"].get("accuracy") for b, e in evals.items()}
     dev_ci = {b: wilson_interval(dev[b], e["n"]) for b, e in evals.items()
               if dev[b] is not None and e["n"]}
@@ -140,6 +151,7 @@ def baseline_cycle(store: Store, run_id: int, evals: dict[str, dict]) -> dict[st
         "candidate": {}, "dev": dev, "dev_ci": dev_ci, "paired": {}, "error_profile": profile,
         "duration_s": sum(e["seconds"] or 0 for e in evals.values()), "adapter_id": None,
         "eval_ids": {b: e["id"] for b, e in evals.items()}, "error": None,
+        "subsets": {"profile": sides} if analysis else {},
     }
 
 
@@ -195,6 +207,36 @@ def _example(prev: dict | None, new: dict) -> dict[str, Any]:
             "after_parsed": new["parsed"], "labels": new["labels"] or (prev or {}).get("labels")}
 
 
+UNITS = {"gqa_ru": "images", "mmbench_ru": "question groups"}
+
+
+def _sizes(sides: dict[str, dict]) -> str:
+    return ", ".join(f"{b} n={x['n']} ({x['units']} {UNITS.get(b, 'units')})"
+                     for b, x in sides.items())
+
+
+def subset_lines(subsets: dict[str, Any]) -> list[str]:
+    """Which subset played which role in the cycle, and where a dev evaluation stopped."""
+    lines = []
+    if subsets.get("profile"):
+        lines.append("error profile from: the analysis subset, "
+                     + _sizes(subsets["profile"]))
+    judged = subsets.get("judged") or {}
+    for name, verb in (("dev", "judged on: the dev subset, "),
+                       ("analysis", "measured on: the analysis subset (no test), ")):
+        mine = {b: x for b, x in judged.items() if x["subset"] == name}
+        if mine:
+            lines.append(verb + _sizes(mine))
+    for b, x in judged.items():
+        p = x.get("progress") or {}
+        if p.get("stopped"):
+            lines.append(f"{b}: stopped for futility after {p['units_done']}/"
+                         f"{p['units_total']} {UNITS.get(b, 'units')} ({p['n_done']}/"
+                         f"{p['n_total']} questions, {p['seconds']:.1f} s of an estimated "
+                         f"{p['full_s_est']:.1f} s)")
+    return lines
+
+
 def profile_rows(profile: dict[str, Any]) -> list[list[Any]]:
     """Rows of (benchmark, label, count, share) from ``{bench: ErrorProfile.to_dict()}``,
     ``{bench: {label: n}}`` or ``{label: n}``."""
@@ -224,6 +266,7 @@ def render(view: dict[str, Any]) -> str:
     if view["adapter_id"] is not None:
         lines.append(f"adapter: {view['adapter_id']}")
     lines.append(f"duration: {format_duration(view['duration_s'])}")
+    lines += subset_lines(view.get("subsets") or {})
     lines.append(f"files: {view['run_dir']}")
     for p in view.get("proposals", []):
         if p["data_file"]:
@@ -243,10 +286,14 @@ def render(view: dict[str, Any]) -> str:
             details = test.get("reason") or ", ".join(
                 f"{k}={_short(v, 40)}" for k, v in test.items()
                 if k not in ("decision", "setting_only"))
-            rows.append([bench, format_pct(view["dev"].get(bench), view["dev_ci"].get(bench)),
-                         format_p(p_value), details])
-        lines += ["", "dev accuracy [95% interval] and the paired test against the champion:",
-                  format_table(["benchmark", "accuracy", "p-value", "test"], rows)]
+            accuracy = (format_pct(view["dev"].get(bench), view["dev_ci"].get(bench))
+                        if view["dev"] else format_pct(test.get("candidate_acc")))
+            rows.append([bench, accuracy, format_p(p_value), details])
+        judged = (view.get("subsets") or {}).get("judged") or {}
+        title = ("dev accuracy [95% interval] and the paired test against the champion:"
+                 if view["dev"] or not judged else "measured on the analysis subset against the "
+                 "champion there (no test, no α spent; its p is descriptive):")
+        lines += ["", title, format_table(["benchmark", "accuracy", "p-value", "test"], rows)]
     rows = profile_rows(view["error_profile"])
     if rows:
         lines += ["", "error profile (what the policy saw when it chose):",
