@@ -82,9 +82,12 @@ class ContextDistill(Strategy):
 
     @classmethod
     def waiting(cls, history: list[dict]) -> str | None:
-        if any(h.get("setting_only") and (h.get("gain") or 0.0) > 0 for h in history):
+        """Until a setting wins on dev with the current champion (the cycles since the last
+        accepted one): a setting that won with an earlier champion is nothing to distill."""
+        last = max((i for i, h in enumerate(history) if h.get("status") == "accepted"), default=-1)
+        if any(h.get("setting_only") and (h.get("gain") or 0.0) > 0 for h in history[last + 1:]):
             return None
-        return "waits for a prompt or decoding setting that wins on dev"
+        return "waits for a prompt or decoding setting that wins on dev with this champion"
 
     def budget(self, ctx: Context) -> float:
         return TIME_SHARE * (ctx.time_left_s - self.eval_cost(ctx)) - ctx.rates.load_s
