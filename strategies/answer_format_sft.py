@@ -19,13 +19,13 @@ from core.sft import write_sft_jsonl
 from core.train import TrainConfig
 from strategies.base import Candidate, Context, ProposalFailed, Strategy
 from strategies.common import (
-    DATA_S_PER_RECORD,
     MIN_STEPS,
     Clock,
     TrainPlan,
     attempts,
     plan_training,
     share,
+    smallest_training_s,
     train_adapter,
 )
 from strategies.sft_data import Mix, SFTDataBuilder
@@ -87,6 +87,8 @@ class AnswerFormatSFT(Strategy):
         return TIME_SHARE * (ctx.time_left_s - self.eval_cost(ctx)) - ctx.rates.load_s
 
     def plan(self, ctx: Context) -> TrainPlan | None:
+        if self.budget(ctx) < smallest_training_s(ctx):
+            return None
         return plan_training(ctx, self.budget(ctx))
 
     def propose(self, ctx: Context) -> Candidate:
@@ -137,8 +139,7 @@ class AnswerFormatSFT(Strategy):
         """Data, training and the candidate's dev evaluation, as planned for the time left."""
         plan = self.plan(ctx)
         if plan is None:  # the time left that the smallest useful run would need
-            return self.eval_cost(ctx) + (ctx.rates.load_s + MIN_STEPS * (
-                ctx.rates.train_s_per_sample + DATA_S_PER_RECORD)) / TIME_SHARE
+            return self.eval_cost(ctx) + (ctx.rates.load_s + smallest_training_s(ctx)) / TIME_SHARE
         return self.eval_cost(ctx) + ctx.rates.load_s + plan.seconds
 
 

@@ -138,6 +138,9 @@ MAX_STEPS = 500
 MAX_RECORDS = 8000
 DATA_S_PER_RECORD = 0.01
 """Seconds to build one record (decode and write its image), added to each sample's cost."""
+MIN_TRAIN_S = 5.0
+"""Seconds below which no training is started: encoding the records, creating the adapter and
+its first steps take about this long on a CPU, whatever the per-sample rate says."""
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,12 @@ def plan_training(ctx: Context, seconds: float, steps_fraction: float = 1.0) -> 
     return TrainPlan(steps=steps, batch_size=batch, n_records=n_records,
                      seconds=steps * batch * ctx.rates.train_s_per_sample
                      + n_records * DATA_S_PER_RECORD)
+
+
+def smallest_training_s(ctx: Context) -> float:
+    """Seconds of the smallest training worth starting: ``MIN_STEPS`` samples, at least
+    ``MIN_TRAIN_S``."""
+    return max(MIN_STEPS * (ctx.rates.train_s_per_sample + DATA_S_PER_RECORD), MIN_TRAIN_S)
 
 
 def train_adapter(ctx: Context, records: list[dict], config, *, name: str, deadline_s: float,

@@ -37,6 +37,7 @@ from strategies.common import (
     Clock,
     attempts,
     plan_training,
+    smallest_training_s,
     train_adapter,
 )
 from strategies.generation_params import GenerationParams
@@ -82,9 +83,12 @@ class ContextDistill(Strategy):
 
     @classmethod
     def waiting(cls, history: list[dict]) -> str | None:
-        if any(h.get("setting_only") and (h.get("gain") or 0.0) > 0 for h in history):
+        """Until a setting wins on dev with the current champion (the cycles since the last
+        accepted one): a setting that won with an earlier champion is nothing to distill."""
+        last = max((i for i, h in enumerate(history) if h.get("status") == "accepted"), default=-1)
+        if any(h.get("setting_only") and (h.get("gain") or 0.0) > 0 for h in history[last + 1:]):
             return None
-        return "waits for a prompt or decoding setting that wins on dev"
+        return "waits for a prompt or decoding setting that wins on dev with this champion"
 
     def budget(self, ctx: Context) -> float:
         return TIME_SHARE * (ctx.time_left_s - self.eval_cost(ctx)) - ctx.rates.load_s
@@ -100,10 +104,10 @@ class ContextDistill(Strategy):
             raise ProposalFailed("no prompt or decoding setting has won on dev with this "
                                  "champion: nothing to distill")
         entry, benchmarks = found
-        n = self.n_records(ctx, benchmarks)
-        if n < MIN_STEPS:
+        if self.budget(ctx) < self.least_budget(ctx):
             raise ProposalFailed(f"context_distill needs time to generate and train on "
                                  f"{MIN_STEPS} records, but only {ctx.time_left_s:.0f} s are left")
+        n = max(MIN_STEPS, self.n_records(ctx, benchmarks))
         k = attempts(ctx, self.name)
         seed = ctx.seed * 1000 + k
         rng = random.Random(seed)
@@ -125,7 +129,7 @@ class ContextDistill(Strategy):
         if not records:
             raise ProposalFailed(f"no distillation records could be built: {dict(stats)}")
         train_s = self.budget(ctx) - clock.elapsed()
-        smallest = MIN_STEPS * (ctx.rates.train_s_per_sample + DATA_S_PER_RECORD)
+        smallest = smallest_training_s(ctx)
         if train_s < smallest:  # the answers took longer than planned: train the least, if
             train_s = smallest  # it fits before the candidate's dev evaluation
         plan = plan_training(ctx, train_s)
@@ -164,17 +168,23 @@ class ContextDistill(Strategy):
         gen = max(ctx.rates.eval_s_per_sample[b] for b in benchmarks)
         return gen + ctx.rates.train_s_per_sample + DATA_S_PER_RECORD
 
+    def least_budget(self, ctx: Context) -> float:
+        """Seconds of the smallest distillation: answers to ``MIN_STEPS`` records and the
+        smallest training worth starting."""
+        gen = max(ctx.rates.eval_s_per_sample[b] for b in BENCHMARKS)
+        return MIN_STEPS * gen + smallest_training_s(ctx)
+
     def least_seconds(self, ctx: Context) -> float:
         """The least time left with which a distillation can be proposed: its budget (a share
-        of what the dev evaluation leaves) must hold ``MIN_STEPS`` records."""
-        return self.eval_cost(ctx) + (ctx.rates.load_s + MIN_STEPS * self.per_record(ctx)) / TIME_SHARE
+        of what the dev evaluation leaves) must hold the smallest one."""
+        return self.eval_cost(ctx) + (ctx.rates.load_s + self.least_budget(ctx)) / TIME_SHARE
 
     def estimate_cost(self, ctx: Context) -> float:
         """The dev evaluation and the planned generation and training; with too little time
         left, what the smallest distillation would need."""
-        return max(self.eval_cost(ctx) + ctx.rates.load_s + max(0.0, self.budget(ctx)),
-                   self.least_seconds(ctx) if self.budget(ctx) < MIN_STEPS * self.per_record(ctx)
-                   else 0.0)
+        if self.budget(ctx) < self.least_budget(ctx):
+            return self.least_seconds(ctx)
+        return self.eval_cost(ctx) + ctx.rates.load_s + self.budget(ctx)
 
 
 def _example(record: dict, benchmark: str, j: int) -> dict:

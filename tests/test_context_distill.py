@@ -65,4 +65,7 @@ def test_context_distill_waits_in_the_policy_until_a_setting_wins():
     cls = type(strategies.get("context_distill"))
     assert "wins on dev" in cls.waiting([])
     assert cls.waiting(winning_history()) is None
+    # a setting that won with an earlier champion is nothing to distill
+    accepted = {"index": 2, "strategy": "answer_format_sft", "status": "accepted", "gain": 0.3}
+    assert "wins on dev with this champion" in cls.waiting(winning_history() + [accepted])
     assert set(cls.addresses) >= set(type(strategies.get("prompt_constraints")).addresses)
