@@ -26,6 +26,7 @@ from core.metrics import (
     ROTATION_BASE,
     accuracy,
     circular_accuracy,
+    clusters_of,
     extract_choice,
     gqa_match,
     lmms_choices,
@@ -295,11 +296,10 @@ def summarize(benchmark: str, samples: list[dict]) -> dict:
     """
     n_missing = sum(not s["image_ok"] for s in samples)
     if benchmark == "gqa_ru":
-        clusters = [s.get("cluster") for s in samples]
-        clusters = None if None in clusters else clusters
+        clusters = clusters_of(samples)
         head = accuracy([s["correct"] for s in samples], clusters)
         norm = accuracy([s["correct_normalized"] for s in samples], clusters)
-        n_images = len(set(clusters)) if clusters else None
+        n_images = len(set(clusters))
         return {"accuracy": head.value, "n": head.n, "n_clusters": n_images, "ci": [head.low, head.high],
                 "accuracy_normalized": norm.value, "ci_normalized": [norm.low, norm.high],
                 "per_category": _per_category(samples), "images_missing": n_missing}

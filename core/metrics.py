@@ -22,6 +22,7 @@ from core.choice import (  # noqa: F401  (re-exported: one place to import scori
     extract_choice,
     lmms_choices,
 )
+from core.exceptions import DataError
 from core.stats import (  # noqa: F401  (re-exported: one place to import scoring from)
     PairedResult,
     cluster_bootstrap,
@@ -83,6 +84,25 @@ def gqa_match(prediction: str, answer: str, mode: str = "normalized") -> bool:
     if mode == "normalized":
         return normalize_answer(prediction) == normalize_answer(answer)
     raise ValueError(f"`mode` must be one of {', '.join(GQA_MODES)}, but got {mode!r}.")
+
+
+def clusters_of(samples: Sequence[Mapping], what: str = "GQA-ru predictions") -> list:
+    """Every sample's cluster (the GQA-ru image it asks about).
+
+    A sample without one is an error, never a silent fallback: a test or an interval over
+    questions instead of images would count ~31 questions about one picture as independent
+    evidence.
+
+    Raises:
+        DataError: naming the first sample without a cluster and how many lack one.
+    """
+    missing = [s.get("sample_id", s.get("id")) for s in samples if s.get("cluster") is None]
+    if missing:
+        raise DataError(
+            f"{len(missing)} of {len(samples)} {what} name no image (`cluster`), e.g. sample "
+            f"{missing[0]!r}; intervals and paired tests treat the image as the unit, so they "
+            "cannot be computed. Evaluate them again with this version (it records the image).")
+    return [s["cluster"] for s in samples]
 
 
 def _group_key(row: Mapping) -> int:

@@ -35,7 +35,7 @@ from datetime import datetime
 from functools import cache
 from pathlib import Path
 
-from core.metrics import ROTATION_BASE, group_outcomes
+from core.metrics import ROTATION_BASE, clusters_of, group_outcomes
 from core.output_samples import hash_string, sample_line
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
@@ -104,8 +104,7 @@ def _per_unit(benchmark: str, samples: list[dict], metric: str) -> tuple[list[fl
     """The outcomes a metric averages, and their clusters."""
     if benchmark == "gqa_ru":
         key = "correct" if metric == "exact_match" else "correct_normalized"
-        clusters = [s.get("cluster") for s in samples]
-        return [float(bool(s[key])) for s in samples], None if None in clusters else clusters
+        return [float(bool(s[key])) for s in samples], clusters_of(samples)
     if metric == "circular_accuracy":
         return [float(v) for v in group_outcomes(samples).values()], None
     return ([float(bool(s["correct"])) for s in samples],

@@ -21,7 +21,7 @@ is then rejected with the reason, its rows carry the partial test and where it s
 
 from __future__ import annotations
 
-from core.metrics import comparison_alpha, group_outcomes, paired_test
+from core.metrics import clusters_of, comparison_alpha, group_outcomes, paired_test
 
 OBJECTIVES = ("benchmark", "deployment")
 SETTING_ONLY_REASON = "a prompt/decoding setting cannot win under --objective benchmark"
@@ -44,9 +44,8 @@ def paired_scores(champ, cand):
         return paired_test([base[k] for k in keys], [other[k] for k in keys])
     by_id = {s["sample_id"]: s for s in cand.samples}
     pairs = [(s["correct"], by_id[s["sample_id"]]["correct"]) for s in champ.samples]
-    clusters = [s.get("cluster") for s in champ.samples]
     return paired_test([a for a, _ in pairs], [b for _, b in pairs],
-                       clusters=None if None in clusters else clusters)
+                       clusters=clusters_of(champ.samples))
 
 
 def restrict(scored, to):

@@ -9,7 +9,7 @@ import pytest
 from core.evaluate import EvalConfig, EvalResult, summarize
 from loop.budget import Budget, CostModel, priors
 from loop.controller import Loop, RunConfig
-from loop.decision import SETTING_ONLY_REASON, comparisons_made, judge
+from loop.decision import SETTING_ONLY_REASON, comparisons_made, judge, paired_scores
 from loop.policy import choose
 from loop.store import Store
 from loop.workbench import Scored, Workbench
@@ -210,3 +210,16 @@ def test_a_settings_champion_leaves_final_equal_to_the_baseline(setting, tmp_pat
     # the stored predictions keep their clusters, so a resumed run tests by image
     first = store.evaluations(loop.run_id)[0]
     assert all(s["cluster"] is not None for s in loop.bench.load_scored(first["id"]).samples)
+
+
+def test_a_gqa_sample_without_its_image_is_an_error_not_a_per_question_test():
+    from core.exceptions import DataError
+
+    champ, cand = _scored([True] * 3 + [False] * 3), _scored([True] * 6)
+    del cand.samples[0]["cluster"]  # the candidate's side is not read for clusters
+    paired_scores(champ, cand)
+    del champ.samples[4]["cluster"]
+    with pytest.raises(DataError, match=r"1 of 6 GQA-ru predictions name no image.*'q4-0'"):
+        paired_scores(champ, cand)
+    with pytest.raises(DataError, match="name no image"):
+        summarize("gqa_ru", champ.samples)
