@@ -87,7 +87,7 @@ def one_step(preset: str, batch_size: int, gpu: str, vocab: str, loss: str) -> d
             "sequence": int(batch["input_ids"].shape[1]),
             "labelled_tokens": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
             "step_peak_mib": round(peak / 2**20, 1), "device": profile.device,
-            "loss_value": round(float(value), 4)}
+            "loss_value": round(float(value.detach()), 4)}
 
 
 def _prod(shape) -> int:
