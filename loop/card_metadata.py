@@ -8,18 +8,17 @@ under the exact lmms-eval protocol, each with its n and 95% interval.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loop.report import LMMS_MARK
+from loop.sources import HUB_ID
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCardData
 
     from loop.report import Report
 
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 DATASETS = {
     "gqa_ru": {"type": "deepvk/GQA-ru", "name": "GQA-ru", "config": "testdev_balanced_instructions",
                "split": "testdev", "task": "visual-question-answering",
