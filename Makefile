@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean constraints
+.PHONY: install demo test lint bench clean constraints docs
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/eval_speed.py
+
+# The flag reference in docs/cli.md, made anew from the parser (tests/test_docs.py checks it).
+docs: $(STAMP)
+	$(PY) -m loop.cli_reference
 
 # After an upgrade in a working venv: rewrite constraints.txt from the installed versions.
 constraints: $(STAMP)

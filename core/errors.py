@@ -1,4 +1,4 @@
-"""Why a prediction is wrong: labels for one answer (DESIGN section 9).
+"""Why a prediction is wrong: labels for one answer (``LABELS`` below).
 
 A profile of many answers is ``core.error_profile``.
 

@@ -1,7 +1,7 @@
 """Scoring: GQA-ru exact match, circular accuracy, intervals, paired tests.
 
 `gqa_match(..., mode="lmms")` is the number comparable to published lmms-eval results;
-`mode="normalized"` is a Russian-aware exact match reported next to it (DESIGN section 5).
+`mode="normalized"` is a Russian-aware exact match reported next to it (docs/measurement.md).
 MMBench-ru's letter extraction lives in ``core.choice`` and is re-exported here.
 Everything here is pure Python plus numpy, deterministic for a given seed.
 """

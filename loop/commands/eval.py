@@ -38,14 +38,16 @@ def add_parser(sub) -> None:
 
 def add_eval_args(p, *, benchmark_required: bool) -> None:
     """What to evaluate and how: shared by ``eval`` and ``diagnose``."""
-    p.add_argument("--benchmark", required=benchmark_required, choices=BENCHMARKS)
+    p.add_argument("--benchmark", required=benchmark_required, choices=BENCHMARKS,
+                   help="the benchmark to evaluate on")
     p.add_argument("--adapter", metavar="ID|PATH",
                    help="a LoRA adapter: its id in the database or a PEFT folder")
     p.add_argument("--split", choices=("dev", "final", "all"), default="dev",
                    help="dev (decisions), final (held out), all (the whole benchmark)")
     p.add_argument("--limit", type=int, metavar="N",
                    help="a fixed stratified subset of about N questions of the split")
-    p.add_argument("--batch-size", type=int, default=16, metavar="N")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N",
+                   help="questions answered per batch (default 16)")
     p.add_argument("--mode", choices=("generate", "likelihood"), default="generate",
                    help="MMBench-ru only: likelihood ranks the option texts (its own protocol)")
     p.add_argument("--gpu", choices=GPU_PROFILES, default="auto", help="GPU profile (default auto)")

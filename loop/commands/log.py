@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def summarize_run(store: Store, run: dict[str, Any]) -> dict[str, Any]:
-    """One run in the ``log --json`` shape (DESIGN section 9), with a few extra keys."""
+    """One run in the ``log --json`` shape: the keys the mission asks for, plus a few."""
     summary = {key: run[key] for key in ("id", "status", "budget_s", "spent_s", "preset", "gpu",
                                          "started_at", "finished_at")}
     summary["cycles"] = [{

@@ -24,8 +24,10 @@ def add_parser(sub) -> None:
     p.add_argument("--budget", required=True, metavar="DURATION", help="e.g. 6h, 90m, 300s")
     p.add_argument("--gpu", choices=GPU_PROFILES, default="t4",
                    help="GPU profile to plan for (default t4; no GPU is needed to plan)")
-    p.add_argument("--preset", choices=PRESETS, default="saiga")
-    p.add_argument("--reserve", type=float, default=0.2, metavar="FRACTION")
+    p.add_argument("--preset", choices=PRESETS, default="saiga",
+                   help="the model and data to plan for, as `loop run --preset` (default saiga)")
+    p.add_argument("--reserve", type=float, default=0.2, metavar="FRACTION",
+                   help="share of the budget kept for the final evaluation (default 0.2)")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="plan as if every question's whole prompt were computed (for comparison)")
     add_json_arg(p)
