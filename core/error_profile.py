@@ -2,8 +2,9 @@
 
 ``BenchmarkOptimizer.profile`` labels each answer with ``core.errors.classify`` (or takes the
 labels it was given) and counts them by label and question category; ``ErrorProfile`` ranks
-the causes, names their remedies (from the rules file) and, for MMBench-ru, how the answers
-named their option.
+the causes, names their remedies and, for MMBench-ru, how the answers named their option.
+Which remedy addresses which label is the remedies' own business (``strategies.remedies``
+reads it from the registry); this module only receives it.
 """
 
 from __future__ import annotations
@@ -45,12 +46,8 @@ _DESCRIPTIONS = {
     "missing_image": "examples whose image could not be read",
     "other": "wrong answers with no specific pattern",
 }
-_REMEDY_TEXT = {
-    "prompt_constraints": "constrain the answer format in the prompt (prompt_constraints)",
-    "generation_params": "tune generation settings such as max_new_tokens and stop strings (generation_params)",
-    "answer_format_sft": "fine-tune on short answers (answer_format_sft)",
-    "optuna_hpo": "search the training hyperparameters (optuna_hpo)",
-}
+Remedies = Mapping[str, tuple[tuple[str, str], ...]]
+"""Label -> the remedies that address it, in the order to try them: (name, what it does)."""
 
 
 @dataclass
@@ -73,8 +70,8 @@ class ErrorProfile:
     """Label to up to three {"id", "question", "answer", "prediction"} dicts."""
     label_categories: dict[str, dict[str, int]] = field(default_factory=dict)
     """Label to its error count per category."""
-    remedies: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
-    """Label to strategy names, from the rules."""
+    remedies: Remedies = field(default_factory=dict, repr=False)
+    """Label to the remedies that address it (``BenchmarkOptimizer(remedies=...)``)."""
     answer_styles: dict[str, dict[str, int]] = field(default_factory=dict)
     """MMBench-ru only: how the raw answers named their option ("letter", "text" or "none",
     ``core.metrics.choice_style``) to {"n", "correct"}; empty when the raw answers are unknown."""
@@ -110,13 +107,14 @@ class ErrorProfile:
         lines = []
         for label in self._ranked():
             head = f"{self.counts[label]} of {self.n_errors} errors ({self.shares[label]:.0%}) are {label}: {_DESCRIPTIONS[label]}."
-            remedies = self.remedies.get(label, ())
-            if not remedies:
+            if label == "missing_image":
                 lines.append(
                     f"{head} Fix the data (image files, --coco-dir); no model remedy applies."
                 )
                 continue
-            line = f"{head} Remedy: {'; then '.join(_REMEDY_TEXT[r] for r in remedies)}."
+            remedies = self.remedies.get(label, ())
+            line = (f"{head} Remedy: {'; then '.join(f'{text} ({name})' for name, text in remedies)}."
+                    if remedies else f"{head} No registered remedy addresses it.")
             weak = self.weak_categories(label) if label in CONTENT_LABELS else []
             if weak:
                 line += f" Weakest question types: {', '.join(weak)}."
@@ -127,7 +125,7 @@ class ErrorProfile:
         """Strategy names to try, ordered by how many errors they address, cheapest first."""
         ordered: list[str] = []
         for label in self._ranked():
-            ordered += [s for s in self.remedies.get(label, ()) if s not in ordered]
+            ordered += [name for name, _ in self.remedies.get(label, ()) if name not in ordered]
         return ordered
 
     def to_dict(self) -> dict:
@@ -149,8 +147,9 @@ class ErrorProfile:
 class BenchmarkOptimizer:
     """Turns one benchmark's predictions into an ErrorProfile that says what to fix next."""
 
-    def __init__(self, rules: ErrorRules | None = None) -> None:
+    def __init__(self, rules: ErrorRules | None = None, remedies: Remedies | None = None) -> None:
         self.rules = rules or load_rules()
+        self.remedies = dict(remedies or {})
 
     def profile(self, benchmark: str, samples: Iterable[Mapping]) -> ErrorProfile:
         """Classify and count the errors of `samples`.
@@ -224,6 +223,6 @@ class BenchmarkOptimizer:
             per_category=per_category,
             examples=examples,
             label_categories=label_categories,
-            remedies=dict(self.rules.remedies),
+            remedies=self.remedies,
             answer_styles=styles,
         )

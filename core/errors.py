@@ -27,7 +27,6 @@ from core.metrics import extract_choice, gqa_match, lmms_choices
 LABELS = ("format_mismatch", "counting", "color", "location", "missing_image", "other")
 CONTENT_LABELS = ("counting", "color", "location")
 BENCHMARKS = ("gqa_ru", "mmbench_ru")
-STRATEGIES = ("prompt_constraints", "generation_params", "answer_format_sft", "optuna_hpo")
 DEFAULT_RULES_PATH = Path(__file__).parent / "rules" / "error_rules.json"
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "error_rules.schema.json"
 
@@ -59,8 +58,6 @@ class ErrorRules:
     """The `format` section: thresholds for a format mismatch (endings longest first)."""
     labels: dict[str, LabelRule]
     """Content label name to its compiled rule."""
-    remedies: dict[str, tuple[str, ...]]
-    """Label name to the strategy names that address it, cheapest first."""
 
 
 def _fold(text: str) -> str:
@@ -120,10 +117,9 @@ def _read_rules(path: Path) -> ErrorRules:
         )
         for name, spec in data["content_labels"].items()
     }
-    remedies = {label: tuple(names) for label, names in data["remedies"].items()}
     fmt = dict(data["format"])
     fmt["inflection_endings"] = sorted(fmt["inflection_endings"], key=len, reverse=True)
-    return ErrorRules(source=str(path), format=fmt, labels=labels, remedies=remedies)
+    return ErrorRules(source=str(path), format=fmt, labels=labels)
 
 
 @lru_cache(maxsize=1)

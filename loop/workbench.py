@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import strategies
 from core.data import load_benchmark
 from core.error_profile import BenchmarkOptimizer
 from core.evaluate import EvalConfig, summarize
@@ -58,7 +59,7 @@ class Workbench(ModelBench):
         self.tune: dict[str, list[dict]] = {}
         self.final: dict[str, list[dict]] = {}
         self.by_id: dict[str, dict[str, dict]] = {}
-        self.optimizer = BenchmarkOptimizer()
+        self.optimizer = BenchmarkOptimizer(remedies=strategies.remedies())
 
     # ------------------------------------------------------------ data
 

@@ -37,6 +37,22 @@ def names() -> list[str]:
     return list(REGISTRY)
 
 
+def remedies() -> dict[str, tuple[tuple[str, str], ...]]:
+    """Error label -> the registered strategies that address it, as ``(name, summary)``, in the
+    order to try them: those that train nothing first, then by the share of the label's errors
+    each says it can fix (``Strategy.addresses``), then in registry order. What
+    ``core.error_profile.BenchmarkOptimizer`` recommends; core itself names no strategy."""
+    found: dict[str, list[tuple[tuple, str, str]]] = {}
+    for order, name in enumerate(REGISTRY):
+        strategy = get(name)
+        for label, share in strategy.addresses.items():
+            if share > 0:
+                found.setdefault(label, []).append(
+                    ((strategy.trains, -share, order), name, strategy.summary))
+    return {label: tuple((name, text) for _, name, text in sorted(entries))
+            for label, entries in found.items()}
+
+
 register("prompt_constraints", "strategies.prompt_constraints:PromptConstraints")
 register("generation_params", "strategies.generation_params:GenerationParams")
 register("answer_format_sft", "strategies.answer_format_sft:AnswerFormatSFT")

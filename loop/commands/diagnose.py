@@ -39,7 +39,10 @@ def run(args: argparse.Namespace) -> int:
                         "to read an evaluation already stored in --db")
     check_eval_args(args)
     head, samples = _from_db(args) if args.from_db is not None else _evaluate(args)
-    profile = BenchmarkOptimizer().profile(head["benchmark"], samples)
+    import strategies
+
+    profile = BenchmarkOptimizer(remedies=strategies.remedies()).profile(head["benchmark"],
+                                                                        samples)
     out = {**head, "profile": profile.to_dict(), "recommendations": profile.recommendations()}
     if args.json:
         print_json(out)
