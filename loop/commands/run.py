@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
     p.add_argument("--gpu", choices=GPU_PROFILES, default="auto",
                    help="GPU profile: t4 (16 GB, fp16, 4-bit), a100/h100 (bf16), cpu, auto")
     p.add_argument("--resume", action="store_true",
-                   help="continue the latest unfinished run in the database")
+                   help="continue the latest unfinished run in the database with its own options "
+                   "(flags that would change them are refused; --storage and --output_path apply)")
     p.add_argument("--reserve", type=float, default=0.2, metavar="FRACTION",
                    help="share of the budget kept for the final evaluation (default 0.2)")
     p.add_argument("--objective", choices=("benchmark", "deployment"), default="benchmark",
@@ -77,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.budget is None and not args.resume:
         raise UserError("`--budget` is required, e.g. `--budget 6h` (or `--resume` a run)")
+    if args.resume:
+        refuse_conflicting_flags(args)
     names = strategies.names()
     if args.strategies:
         names = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -148,3 +151,64 @@ def preflight(config, db: str) -> None:
             raise UserError(f"cannot write to {value} ({flag}): {exc.strerror or exc} in "
                             f"{existing}. Choose a folder you may write to with {flag}."
                             ) from None
+
+
+RESUME_MAY_CHANGE = {"resume", "db", "storage", "output_path"}
+"""Options a resumed run takes from the caller: the database to resume, the storage URL (its
+password is never stored, so it is given again) and where the final files are written."""
+
+
+def resume_conflicts(args: argparse.Namespace, run: dict) -> list[str]:
+    """Options of this command line (or its --config file) that differ from the stored run's
+    own, as ``--flag VALUE (the run's: VALUE)``; empty when the run was stored without its
+    options (before they were recorded)."""
+    from loop.config_file import resolved_options
+
+    stored = (run.get("config") or {}).get("options")
+    if not stored:
+        return []
+    defaults = _pristine_defaults()
+    out = []
+    for dest, value in resolved_options(args).items():
+        if dest in RESUME_MAY_CHANGE or dest not in defaults or value == defaults[dest]:
+            continue
+        if dest in stored and value != stored[dest]:
+            out.append(_flag(dest, value, stored[dest], defaults))
+    return out
+
+
+def refuse_conflicting_flags(args: argparse.Namespace) -> None:
+    """Raises ``UserError`` naming every flag that would silently not apply to the resumed run."""
+    from core.exceptions import UserError
+    from loop.store import Store
+
+    store = Store(args.db)
+    try:
+        run = store.latest_run()
+    finally:
+        store.close()
+    if run is None:
+        return  # the controller says there is nothing to resume
+    conflicts = resume_conflicts(args, run)
+    if conflicts:
+        raise UserError(f"--resume continues run {run['id']} with its own options; these differ "
+                        f"from them: {', '.join(conflicts)}. Drop them to resume, or start a new "
+                        "run without --resume")
+
+
+def _pristine_defaults() -> dict:
+    """The run command's defaults as declared (a --config file changes the parser's own)."""
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    run_parser = sub.choices["run"]
+    return {a.dest: a.default for a in run_parser._actions if a.option_strings}
+
+
+def _flag(dest: str, value, stored, defaults: dict) -> str:
+    if isinstance(value, bool) and dest == "prefix_cache":
+        return f"--{'' if value else 'no-'}prefix-cache (the run's: {'on' if stored else 'off'})"
+    name = "--" + dest.replace("_", "-")
+    if isinstance(value, bool):
+        return f"{name} (the run's: {'on' if stored else 'off'})"
+    return f"{name} {value} (the run's: {'none' if stored is None else stored})"
