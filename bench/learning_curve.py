@@ -223,7 +223,9 @@ def sizing(curve_: dict) -> dict:
         prev_n, prev_net = p["size"], net
     moved = [p["size"] for p in curve_["points"]
              if any(d["p_value"] < 0.05 and d["diff"] > 0 for d in p["dev"].values())]
-    near = [p["size"] for p in curve_["points"] if best > 0 and _net(p) >= 0.9 * best]
+    # flat from the smallest size with 90% of the best net fixes on; not seen when that is the
+    # largest size measured (the curve may still rise beyond it)
+    near = [p["size"] for p in curve_["points"][:-1] if best > 0 and _net(p) >= 0.9 * best]
     labels: dict[str, dict] = {}
     for p in curve_["points"]:
         for lb, row in p["dev"]["gqa_ru"]["labels"].items():
@@ -275,9 +277,11 @@ def print_table(m: dict) -> None:
                                  + (f" ({aimed} aimed records)" if aimed else ""))
             print(f"  {p['records']:5d} records, fixed/errors by label: " + ", ".join(parts))
         print(f"  floor (smallest size with a significant dev gain, p < 0.05): {rule['floor']}; "
-              f"ceiling (smallest size with >= 90% of the curve's best net fixes): "
-              f"{rule['ceiling']}; aimed GQA-ru records per fixed error by label: "
-              f"{rule['aimed_records_per_fixed_gqa']}")
+              "ceiling (smallest size with >= 90% of the curve's best net fixes): "
+              + (str(rule["ceiling"]) if rule["ceiling"] else
+                 f"not reached by {c['points'][-1]['size']}")
+              + "; aimed GQA-ru records per fixed error by label: "
+              + str(rule["aimed_records_per_fixed_gqa"]))
     print(f"\n{m['seconds']:.0f} s in all (model and data loaded in {m['load_s']:.0f} s)")
 
 
