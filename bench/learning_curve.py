@@ -18,6 +18,9 @@ differ in their data as two candidates would. Deterministic for a seed on one ma
 
     .venv/bin/python bench/learning_curve.py [--sizes 250,500,1000,2000] [--champion-size 500]
         [--preset demo] [--dev-size N] [--seed 0] [--json]
+
+The demo's GQA-ru train holds 5,006 questions (and 249 usable LLaVA-Instruct-ru
+conversations), so 4,000 records is about the largest size it can build without repeats.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def open_bench(preset: str, seed: int, dev_size: int | None, folder: Path):
 
 
 def evaluate(bench, adapter: str | None, part: str = "dev") -> dict:
-    """benchmark -> (EvalResult) of ``adapter`` on the run's ``part`` subsets, lmms-eval protocol."""
+    """benchmark -> the EvalResult of ``adapter`` on the run's ``part`` subsets, lmms-eval protocol."""
     from core.evaluate import EvalConfig
 
     return {b: bench.run_eval(b, EvalConfig(), adapter, getattr(bench, part)[b])
@@ -197,15 +200,15 @@ def measure(preset: str, sizes: list[int], champion_size: int, seed: int,
     champ_points, _ = curve(bench, ctx2, SFTDataBuilder(ctx2, images), sizes, 1, "champion",
                             champ_dev)
     out = {"preset": preset, "seed": seed, "lr": ctx.train_lr, "batch_size": BATCH_SIZE,
-            "champion_size": champion_size, "champion_trained": champ_point,
-            "load_s": round(load_s, 1),
-            "dev": {b: {"questions": len(bench.dev[b]),
-                        "units": len({s["cluster"] for s in base_dev[b].samples})}
-                    for b in BENCHMARKS},
-            "curves": [{"start": "base", "start_dev": start_row(base_dev), "points": base_points},
-                       {"start": "champion", "start_dev": start_row(champ_dev),
-                        "points": champ_points}],
-            "seconds": round(time.perf_counter() - t0, 1)}
+           "champion_size": champion_size, "champion_trained": champ_point,
+           "load_s": round(load_s, 1),
+           "dev": {b: {"questions": len(bench.dev[b]),
+                       "units": len({s["cluster"] for s in base_dev[b].samples})}
+                   for b in BENCHMARKS},
+           "curves": [{"start": "base", "start_dev": start_row(base_dev), "points": base_points},
+                      {"start": "champion", "start_dev": start_row(champ_dev),
+                       "points": champ_points}],
+           "seconds": round(time.perf_counter() - t0, 1)}
     bench.store.close()
     return out
 
@@ -294,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="records of the base-curve adapter the second curve continues")
     p.add_argument("--dev-size", type=int,
                    help="dev questions per benchmark (default: a 5-minute demo run's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the splits and subsets, the SFT data and the training")
     p.add_argument("--workdir", help="keep the data and adapters here (default: a temporary "
                    "folder, removed at the end)")
     p.add_argument("--json", action="store_true")
