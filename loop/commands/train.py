@@ -27,8 +27,8 @@ def add_parser(sub) -> None:
     p.add_argument("--source", action="append", metavar="gqa_train|llava_instruct|FILE.jsonl",
                    help="training data; repeat to mix (default: gqa_train)")
     p.add_argument("--limit", type=int, metavar="N",
-                   help="at most N records per source, a seeded random choice (default: "
-                   "steps x batch size with --steps, else all)")
+                   help="at most N records per source, a seeded random choice, GQA-ru train "
+                   "whole images at a time (default: steps x batch size with --steps, else all)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, metavar="N", help="optimizer steps")
     length.add_argument("--epochs", type=float, metavar="X", help="passes over the data (default 1)")
