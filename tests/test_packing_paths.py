@@ -273,3 +273,16 @@ def test_loop_train_json_reports_what_it_trained_packed_and_not(capsys, tmp_path
     assert packed["tokens"] < plain["tokens"]
     adapter = json.loads((tmp_path / "True" / "loop_adapter.json").read_text())
     assert adapter["metrics"]["sequences"] == packed["packs"]
+
+
+@pytest.mark.parametrize("command", ["run", "train"])
+def test_a_config_file_turns_packing_off_as_the_flag_does(command, tmp_path):
+    from loop.cli import build_parser
+    from loop.config_file import parse_args, resolved_options
+
+    path = tmp_path / "c.yaml"
+    path.write_text("budget: 5m\nno-packing: true\n" if command == "run" else "no-packing: true\n")
+    by_file = resolved_options(parse_args(build_parser(), [command, "--config", str(path)]))
+    flags = [command, "--no-packing"] + (["--budget", "5m"] if command == "run" else [])
+    assert by_file["packing"] is False
+    assert resolved_options(parse_args(build_parser(), flags))["packing"] is False
