@@ -105,6 +105,7 @@ def measure_packing(preset: str, n_questions: int, batch_size: int, gpu: str) ->
                                 Path(tmp) / name.replace(" ", "-"), packing=pack)
             t, done = report["train"], report["trained"]
             questions = max(done["questions"], 1)
+            out["guard_refused"] = sum(g["refused"] for g in report["guard"].values())
             out["runs"][name] = {
                 "status": t["status"], "steps": t["steps"], "records": done["records"],
                 "questions": done["questions"], "packs": done["packs"],
@@ -119,7 +120,7 @@ def measure_packing(preset: str, n_questions: int, batch_size: int, gpu: str) ->
                 "loss_first_last": [t["loss_curve"][0], t["loss_curve"][-1]]
                 if t["loss_curve"] else None}
     plain, packed = out["runs"]["one record per question"], out["runs"]["packed by image"]
-    out["images"] = packed["packs"]
+    out["trained_questions"] = packed["questions"]
     out["speedup"] = round(plain["seconds"] / packed["seconds"], 2)
     out["train_speedup"] = round(plain["train_seconds"] / packed["train_seconds"], 2)
     out["token_reduction"] = round(plain["tokens"] / packed["tokens"], 2)
@@ -127,7 +128,8 @@ def measure_packing(preset: str, n_questions: int, batch_size: int, gpu: str) ->
 
 
 def _print_packing(m: dict) -> None:
-    print(f"loop train, one epoch over {m['questions']} GQA-ru train questions drawn by image, "
+    print(f"loop train, one epoch over {m['trained_questions']} GQA-ru train questions "
+          f"({m['questions']} drawn by image, {m['guard_refused']} refused by the leakage guard), "
           f"{m['preset']} model, batch {m['batch_size']} records, {m['threads']} threads")
     for name, r in m["runs"].items():
         print(f"  {name:<24}: {r['packs']:4d} sequences, {r['steps']:3d} steps, "
