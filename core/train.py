@@ -7,6 +7,11 @@ frozen), trains it with a plain loop, and saves it in PEFT format with ``loop_ad
     if result.ok:
         vlm.set_adapter(result.adapter_name)       # already active after training
 
+By default the records about one image are packed into one conversation (``core.packing``;
+``TrainConfig.pack_by_image``), and a step's batch counts records, a pack the records it holds:
+packing changes what a step costs (the image is read once per pack), not what it learns from.
+The result counts the records, questions, sequences and image and text tokens trained.
+
 Guards, in the order they act:
 
 - deadline: before each step, stop if the step (by its measured duration) and the save would

@@ -286,3 +286,13 @@ def test_a_config_file_turns_packing_off_as_the_flag_does(command, tmp_path):
     flags = [command, "--no-packing"] + (["--budget", "5m"] if command == "run" else [])
     assert by_file["packing"] is False
     assert resolved_options(parse_args(build_parser(), flags))["packing"] is False
+
+
+def test_the_packing_bench_compares_loop_train_both_ways(load_bench):
+    """``bench/train_speed.py --packing`` on the demo world: the same questions, fewer tokens."""
+    m = load_bench("train_speed").measure_packing("demo", 24, 8, "cpu")
+    plain, packed = m["runs"]["one record per question"], m["runs"]["packed by image"]
+    assert plain["questions"] == packed["questions"] == m["trained_questions"] > 0
+    assert packed["packs"] < plain["packs"] == plain["questions"]
+    assert m["token_reduction"] == round(plain["tokens"] / packed["tokens"], 2) > 1.5
+    assert m["speedup"] > 0 and m["questions"] == 24
