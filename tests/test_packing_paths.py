@@ -294,5 +294,7 @@ def test_the_packing_bench_compares_loop_train_both_ways(load_bench):
     plain, packed = m["runs"]["one record per question"], m["runs"]["packed by image"]
     assert plain["questions"] == packed["questions"] == m["trained_questions"] > 0
     assert packed["packs"] < plain["packs"] == plain["questions"]
-    assert m["token_reduction"] == round(plain["tokens"] / packed["tokens"], 2) > 1.5
+    assert m["token_reduction"] == round(plain["tokens"] / packed["tokens"], 2) > 1
+    # the demo model reads 9 tokens per image, so the image's share is what packing cuts
+    assert packed["image_tokens_per_question"] * 2 < plain["image_tokens_per_question"]
     assert m["speedup"] > 0 and m["questions"] == 24
