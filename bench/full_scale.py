@@ -221,8 +221,10 @@ def measure(profile: str, device: str, *, tiny: bool = False,
     for micro in micro_batches:
         _reset_peak(device)
         with tempfile.TemporaryDirectory() as tmp:
+            # one sequence per record: the micro-batch measured is `micro` real-shaped rows
             config = TrainConfig(steps=1, batch_size=micro, micro_batch_size=micro,
-                                 gradient_checkpointing=True, max_length=1024, lr=2e-4)
+                                 gradient_checkpointing=True, max_length=1024, lr=2e-4,
+                                 pack_by_image=False)
             t0 = time.perf_counter()
             try:
                 out = train_lora(vlm, train_records(micro), config, Path(tmp) / f"mb{micro}",

@@ -4,9 +4,9 @@ Prints tokens/s, seconds per step and per sample, and peak memory for a short Lo
 GQA-ru demo train questions (cpu profile, or the one ``--gpu`` names); then the derivation of
 the T4 priors that ``core.device.t4_priors()`` gives the loop's cost model.
 
-``--packing`` instead trains one epoch over the same GQA-ru train questions (whole images)
-twice, one record per question and packed by image (``TrainConfig.pack_by_image``), and prints
-seconds, trained questions per second and image tokens per trained question for both.
+``--packing`` instead runs ``python -m loop train`` (in this process) for one epoch over the
+same GQA-ru train questions (drawn by image) twice, packed by image (the default) and with
+``--no-packing``, and prints seconds, sequences, and image and text tokens per trained question.
 
     .venv/bin/python bench/train_speed.py [--steps 20] [--batch-size 16] [--4bit] [--json]
     .venv/bin/python bench/train_speed.py --packing [--preset demo|saiga-tiny] [--questions 256]
@@ -69,69 +69,75 @@ def measure(steps: int, batch_size: int, gpu: str, load_in_4bit: bool | None,
             if result.loss_curve else None}
 
 
-def measure_packing(preset: str, n_questions: int, batch_size: int, gpu: str) -> dict:
-    """One epoch over the same whole-image GQA-ru train questions, unpacked and packed."""
-    from collections import defaultdict
+def loop_train(preset: str, limit: int, batch_size: int, gpu: str, out: Path, *,
+               packing: bool = True, steps: int | None = None) -> dict:
+    """``python -m loop train`` in this process (GQA-ru train, drawn by image, no evaluation);
+    its ``--json`` report."""
+    import contextlib
+    import io
 
+    from loop.cli import main as loop_main
+
+    argv = ["-q", "train", "--preset", preset, "--source", "gqa_train", "--limit", str(limit),
+            "--batch-size", str(batch_size), "--gpu", gpu, "--eval-limit", "0",
+            "--out", str(out), "--json"]
+    argv += ["--steps", str(steps)] if steps else ["--epochs", "1"]
+    argv += [] if packing else ["--no-packing"]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = loop_main(argv)
+    if rc != 0:
+        raise SystemExit(f"loop train failed ({rc}): {buf.getvalue()[-2000:]}")
+    return json.loads(buf.getvalue())
+
+
+def measure_packing(preset: str, n_questions: int, batch_size: int, gpu: str) -> dict:
+    """One epoch of ``loop train`` over the same GQA-ru train questions (drawn by image),
+    packed by image (the default) and with ``--no-packing``."""
     import torch
 
-    from core.data import load_gqa
-    from core.device import resolve_profile
-    from core.model import load_vlm
-    from core.sft import gqa_records
-    from core.train import TrainConfig, train_lora
-    from loop.sources import resolve_sources
-
-    sources = resolve_sources(preset)
-    by_image: dict[str, list[dict]] = defaultdict(list)
-    for row in load_gqa(sources.data.gqa, "train"):
-        by_image[row["imageId"]].append(row)
-    rows: list[dict] = []
-    for image_id in sorted(by_image):  # whole images, so a pack can hold all their questions
-        if len(rows) >= n_questions:
-            break
-        rows += by_image[image_id]
-    records = gqa_records(rows)
-    profile = resolve_profile(gpu)
-    vlm = load_vlm(sources.model, options=profile.load_options())
-    out = {"preset": preset, "questions": len(records), "images": len({r["imageId"] for r in rows}),
-           "image_tokens": vlm.n_image_tokens, "batch_size": batch_size,
+    out = {"preset": preset, "questions": n_questions, "batch_size": batch_size,
            "threads": torch.get_num_threads(), "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        train_lora(vlm, records[:2 * batch_size], TrainConfig(steps=2, batch_size=batch_size),
-                   Path(tmp) / "warmup", profile=profile)
+        loop_train(preset, 2 * batch_size, batch_size, gpu, Path(tmp) / "warmup", steps=2)
         for name, pack in (("one record per question", False), ("packed by image", True)):
-            config = TrainConfig(epochs=1.0, batch_size=batch_size, lr=3e-3, pack_by_image=pack,
-                                 checkpoint_every=0, checkpoint_every_s=0)
-            t0 = time.perf_counter()
-            result = train_lora(vlm, records, config, Path(tmp) / name.replace(" ", "-"),
-                                profile=profile)
-            wall = time.perf_counter() - t0
+            report = loop_train(preset, n_questions, batch_size, gpu,
+                                Path(tmp) / name.replace(" ", "-"), packing=pack)
+            t, done = report["train"], report["trained"]
+            questions = max(done["questions"], 1)
+            out["guard_refused"] = sum(g["refused"] for g in report["guard"].values())
             out["runs"][name] = {
-                "records": result.n_examples, "steps": result.steps, "status": result.status,
-                "seconds": round(wall, 2), "questions_per_s": round(len(records) / wall, 2),
-                "tokens_per_question": round(result.tokens / len(records), 1),
-                # one image per trained record, packed or not: what the trainer really saw
-                "image_tokens_per_question": round(
-                    result.n_examples * vlm.n_image_tokens / len(records), 1),
-                "loss_first_last": [result.loss_curve[0], result.loss_curve[-1]]
-                if result.loss_curve else None}
+                "status": t["status"], "steps": t["steps"], "records": done["records"],
+                "questions": done["questions"], "packs": done["packs"],
+                "seconds": round(t["seconds"], 2),
+                "train_seconds": round(t["step_seconds"] * t["steps"], 2),
+                "questions_per_s": round(questions / t["seconds"], 2),
+                "tokens": done["tokens"], "image_tokens": done["image_tokens"],
+                "text_tokens": done["text_tokens"],
+                "tokens_per_question": round(done["tokens"] / questions, 1),
+                "image_tokens_per_question": round(done["image_tokens"] / questions, 1),
+                "text_tokens_per_question": round(done["text_tokens"] / questions, 1),
+                "loss_first_last": [t["loss_curve"][0], t["loss_curve"][-1]]
+                if t["loss_curve"] else None}
     plain, packed = out["runs"]["one record per question"], out["runs"]["packed by image"]
+    out["trained_questions"] = packed["questions"]
     out["speedup"] = round(plain["seconds"] / packed["seconds"], 2)
-    out["token_reduction"] = round(plain["tokens_per_question"] / packed["tokens_per_question"], 2)
+    out["train_speedup"] = round(plain["train_seconds"] / packed["train_seconds"], 2)
+    out["token_reduction"] = round(plain["tokens"] / packed["tokens"], 2)
     return out
 
 
 def _print_packing(m: dict) -> None:
-    print(f"LoRA SFT, one epoch over {m['questions']} GQA-ru train questions on {m['images']} "
-          f"images, {m['preset']} model ({m['image_tokens']} image tokens), batch "
-          f"{m['batch_size']} records, {m['threads']} threads")
+    print(f"loop train, one epoch over {m['trained_questions']} GQA-ru train questions "
+          f"({m['questions']} drawn by image, {m['guard_refused']} refused by the leakage guard), "
+          f"{m['preset']} model, batch {m['batch_size']} records, {m['threads']} threads")
     for name, r in m["runs"].items():
-        print(f"  {name:<24}: {r['records']:5d} records, {r['seconds']:7.1f} s, "
-              f"{r['questions_per_s']:6.1f} questions/s, {r['tokens_per_question']:6.1f} tokens "
-              f"and {r['image_tokens_per_question']:5.1f} image tokens per question")
-    print(f"  packing: {m['speedup']:.2f}x faster per epoch, {m['token_reduction']:.2f}x fewer "
-          "tokens per trained question")
+        print(f"  {name:<24}: {r['packs']:4d} sequences, {r['steps']:3d} steps, "
+              f"{r['seconds']:7.1f} s ({r['train_seconds']:.1f} s in steps), "
+              f"{r['tokens_per_question']:6.1f} tokens per question ({r['image_tokens_per_question']:.1f} "
+              f"image + {r['text_tokens_per_question']:.1f} text)")
+    print(f"  packing: {m['speedup']:.2f}x faster per epoch ({m['train_speedup']:.2f}x in the "
+          f"steps), {m['token_reduction']:.2f}x fewer tokens")
 
 
 def main() -> int:
@@ -145,7 +151,7 @@ def main() -> int:
                         help="gradient checkpointing on (the t4 profile's setting)")
     parser.add_argument("--packing", action="store_true",
                         help="compare one epoch with and without per-image packing")
-    parser.add_argument("--preset", default="demo", help="--packing: demo | saiga-tiny")
+    parser.add_argument("--preset", default="saiga-tiny", help="--packing: demo | saiga-tiny")
     parser.add_argument("--questions", type=int, default=256, help="--packing: train questions")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

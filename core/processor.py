@@ -31,6 +31,12 @@ class Encoded:
     image: Any
     """A PIL image, a path to one (opened again in ``collate``), or None for text only."""
     record_id: str = ""
+    records: int = 1
+    """SFT records this sequence holds (more than one when packed by image)."""
+    turns: int = 0
+    """Question-answer turns encoded (after any truncation)."""
+    image_tokens: int = 0
+    """Tokens of the image among ``input_ids`` (0 without an image)."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -96,6 +102,7 @@ def encode_conversation(processor, image, turns: list[tuple[str, str]], *,
     ids: list[int] = []
     labels: list[int] = []
     rendered = ""
+    done = 0
     for i, (user, assistant) in enumerate(turns):
         messages.append(user_message(user, with_image=i == 0 and image is not None))
         prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -117,7 +124,9 @@ def encode_conversation(processor, image, turns: list[tuple[str, str]], *,
             _count(stats, "answers_shortened")
         ids += u + a
         labels += [IGNORE_INDEX] * len(u) + a
-    return Encoded(input_ids=ids, labels=labels, image=image)
+        done = i + 1
+    return Encoded(input_ids=ids, labels=labels, image=image, turns=done,
+                   image_tokens=n_img if image is not None else 0)
 
 
 def _count(stats: EncodeStats | None, key: str, n: int = 1) -> None:
@@ -157,11 +166,30 @@ def _open(image):
 
 
 def length_grouped(encoded: list[Encoded], batch_size: int, rng) -> list[list[int]]:
-    """Batches of indices with similar lengths (less padding), in a shuffled order."""
+    """Batches of indices with similar lengths (less padding), in a shuffled order.
+
+    A batch holds about ``batch_size`` records: a sequence packed by image counts the records it
+    holds, so a step learns from as many records packed or not (a pack is never split). There
+    are always ``n_batches(encoded, batch_size)`` batches; with one record per sequence they are
+    ``batch_size`` long, the last one shorter.
+    """
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), rng.random()))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    n = n_batches(encoded, batch_size)
+    batches: list[list[int]] = []
+    seen = 0
+    for pos, i in enumerate(order):
+        if not batches or len(batches) < n and (seen >= batch_size * len(batches)
+                                               or len(order) - pos <= n - len(batches)):
+            batches.append([])
+        batches[-1].append(i)
+        seen += encoded[i].records
     rng.shuffle(batches)
     return batches
+
+
+def n_batches(encoded: list[Encoded], batch_size: int) -> int:
+    """Optimizer steps in one pass over ``encoded`` with ``batch_size`` records per step."""
+    return min(len(encoded), -(-sum(e.records for e in encoded) // batch_size))
 
 
 class LLaVADataProcessor:
@@ -200,6 +228,7 @@ class LLaVADataProcessor:
             self.stats.counts["too_long"] += 1
             return None
         enc.record_id = record["id"]
+        enc.records = len((record.get("meta") or {}).get("packed") or ()) or 1
         return enc
 
     def encode_all(self, records: list[dict], *, progress: bool = False) -> list[Encoded]:

@@ -7,6 +7,11 @@ frozen), trains it with a plain loop, and saves it in PEFT format with ``loop_ad
     if result.ok:
         vlm.set_adapter(result.adapter_name)       # already active after training
 
+By default the records about one image are packed into one conversation (``core.packing``;
+``TrainConfig.pack_by_image``), and a step's batch counts records, a pack the records it holds:
+packing changes what a step costs (the image is read once per pack), not what it learns from.
+The result counts the records, questions, sequences and image and text tokens trained.
+
 Guards, in the order they act:
 
 - deadline: before each step, stop if the step (by its measured duration) and the save would
@@ -53,7 +58,7 @@ from core.lora import (
 )
 from core.loss import labelled_loss
 from core.oom import free_memory, is_oom
-from core.processor import LLaVADataProcessor
+from core.processor import LLaVADataProcessor, n_batches
 from core.sft import data_fingerprint, validate_records
 
 log = logging.getLogger(__name__)
@@ -84,7 +89,8 @@ class TrainConfig:
     train_projector: bool = False
     """Also train the multi-modal projector (saved with the adapter as modules_to_save)."""
     batch_size: int = 16
-    """Samples per optimizer step (the effective batch)."""
+    """Records per optimizer step (the effective batch); a sequence packed by image counts the
+    records it holds, so packing changes the cost of a step, not what it learns from."""
     micro_batch_size: int | None = None
     """Samples per forward pass; None takes the GPU profile's. Halved on out-of-memory."""
     max_length: int = 1024
@@ -105,9 +111,10 @@ class TrainConfig:
     """With a grad scaler: consecutive steps with non-finite gradients before giving up."""
     seed: int = 0
     """Seed for data order, LoRA initialisation and dropout."""
-    pack_by_image: bool = False
+    pack_by_image: bool = True
     """Merge the records about one image into multi-turn conversations (``core.packing``), so
-    the image's tokens are read once per pack rather than once per question."""
+    the image's tokens are read once per pack rather than once per question. On by default;
+    ``--no-packing`` (``loop run``, ``loop train``, ``loop worker``) turns it off."""
     init_from: str | None = None
     """A LoRA adapter folder (PEFT format) to continue training: the new adapter starts from
     its weights and takes its rank, alpha, target modules and projector setting. None starts a
@@ -172,8 +179,17 @@ class TrainResult:
     steps: int = 0
     """Optimizer steps done (including those before a resume)."""
     samples: int = 0
+    """Records trained, each time one was seen (a packed sequence counts the records it holds)."""
+    questions: int = 0
+    """Question-answer turns trained (each one has a labelled answer), each time one was seen."""
+    sequences: int = 0
+    """Sequences the model read: packs by image, or one per record without packing."""
     tokens: int = 0
     """Input tokens processed (image tokens included, padding not)."""
+    image_tokens: int = 0
+    """Of ``tokens``, the image's (one image per sequence that has one)."""
+    text_tokens: int = 0
+    """Of ``tokens``, the text's: template, questions and answers."""
     target_tokens: int = 0
     """Tokens the loss was computed on (assistant answers)."""
     loss_curve: list[float] = field(default_factory=list)
@@ -191,7 +207,13 @@ class TrainResult:
     """The micro-batch at the end (smaller than asked after out-of-memory backoff)."""
     oom_retries: int = 0
     n_examples: int = 0
-    """Records that were encoded; the rest are in ``skipped``."""
+    """Sequences that were encoded (packs when packing); the rest are in ``skipped``."""
+    n_records: int = 0
+    """Records in the encoded sequences (one epoch's worth of ``samples``)."""
+    n_questions: int = 0
+    """Question-answer turns in the encoded sequences."""
+    packed: bool = False
+    """Whether the records were packed by image."""
     skipped: dict[str, int] = field(default_factory=dict)
     resumed_from_step: int | None = None
     error: str | None = None
@@ -236,7 +258,10 @@ class _NonFinite(Exception):
 class _State:
     step: int = 0
     samples: int = 0
+    questions: int = 0
+    sequences: int = 0
     tokens: int = 0
+    image_tokens: int = 0
     target_tokens: int = 0
     loss_curve: list[float] = field(default_factory=list)
     train_seconds: float = 0.0
@@ -279,12 +304,13 @@ def train_lora(vlm, records: list[dict], config: TrainConfig, out_dir: str | Pat
             return done
 
     max_length = min(config.max_length, _positions(vlm))
-    if config.pack_by_image:
-        records = _packed(vlm, records, max_length)
+    sequences = _packed(vlm, records, max_length) if config.pack_by_image else records
     data = LLaVADataProcessor(vlm.processor, max_length=max_length)
-    encoded = data.encode_all(records, progress=True)
+    encoded = data.encode_all(sequences, progress=True)
     skipped = data.stats.to_dict()
     result = TrainResult(status="failed_data", adapter_name=name, n_examples=len(encoded),
+                         n_records=sum(e.records for e in encoded),
+                         n_questions=sum(e.turns for e in encoded), packed=config.pack_by_image,
                          skipped=skipped)
     if not encoded:
         result.error = f"no usable training example among {len(records)} (skipped: {skipped})"
@@ -488,8 +514,11 @@ def _accumulate(ctx: _Ctx, batch: list, state: _State) -> float:
     ctx.scaler.step(ctx.opt)  # skips the update when the scaler found inf gradients
     ctx.scaler.update()
     ctx.sched.step()
-    state.samples += len(batch)
+    state.samples += sum(e.records for e in batch)
+    state.questions += sum(e.turns for e in batch)
+    state.sequences += len(batch)
     state.tokens += tokens
+    state.image_tokens += sum(e.image_tokens for e in batch)
     state.target_tokens += n_targets
     return loss_sum
 
@@ -515,7 +544,7 @@ class _Plan:
     def __init__(self, encoded: list, config: TrainConfig):
         self.encoded = encoded
         self.config = config
-        self.steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
+        self.steps_per_epoch = n_batches(encoded, config.batch_size)
         self.total_steps = config.steps or max(1, math.ceil(config.epochs * self.steps_per_epoch))
         self._epoch, self._order = -1, []
 
@@ -639,7 +668,9 @@ def _revision(vlm) -> str | None:
 def _fill(result: TrainResult, state: _State, device, status: str, error: str | None) -> None:
     result.status, result.error = status, error
     result.steps, result.samples = state.step, state.samples
+    result.questions, result.sequences = state.questions, state.sequences
     result.tokens, result.target_tokens = state.tokens, state.target_tokens
+    result.image_tokens, result.text_tokens = state.image_tokens, state.tokens - state.image_tokens
     result.loss_curve = [round(x, 5) for x in state.loss_curve]
     t = max(state.train_seconds, 1e-9)
     result.tokens_per_s = round(state.tokens / t, 1)
@@ -667,7 +698,8 @@ def _metadata(vlm, records, encoded, fingerprint, config, profile, result) -> di
     return {"format": 1, "adapter_name": result.adapter_name,
             "base_model": {"id": vlm.source, "revision": _revision(vlm)},
             "data": {"fingerprint": fingerprint, "n_records": len(records),
-                     "n_examples": len(encoded),
+                     "n_examples": len(encoded), "packed_by_image": config.pack_by_image,
+                     "n_questions": result.n_questions,
                      "sources": dict(Counter(r["source"] for r in records)),
                      "skipped": result.skipped},
             "config": config.to_dict(), "parent": config.init_from,

@@ -68,6 +68,9 @@ class RunConfig:
     """Evaluation batch size; None takes the GPU profile's."""
     prefix_cache: bool = True
     """Compute each image's prompt prefix once per evaluation batch (same answers, less work)."""
+    packing: bool = True
+    """Pack every training's records by image (``TrainConfig.pack_by_image``): strategies, HPO
+    trials, here or on a ``loop worker``."""
     workdir: str | None = None
     """Where adapters, SFT data and the report of each run go (<workdir>/run-<id>/...); None:
     beside the database, <db stem>.runs/run-<id>/."""
@@ -226,6 +229,7 @@ class Loop:
                                sources=sources, budget=self.budget, costs=costs, seed=cfg.seed,
                                workdir=workdir, batch_size=cfg.batch_size or profile.eval_batch_size,
                                progress=cfg.progress, prefix_cache=cfg.prefix_cache,
+                               packing=cfg.packing,
                                on_train_step=self.report.train_step)
         sizes = self.bench.load_data(cfg.dev_size, cfg.final_size)
         if self.storage_url and "optuna_hpo" in cfg.strategies:

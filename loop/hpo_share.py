@@ -61,7 +61,7 @@ def world(loop) -> dict:
             "adapter_dir": str((bench.workdir / "adapters").resolve()),
             "heartbeat_s": cfg.heartbeat_s, "hpo_here": cfg.hpo_here,
             "batch_size": bench.batch_size,
-            "prefix_cache": cfg.prefix_cache,
+            "prefix_cache": cfg.prefix_cache, "packing": cfg.packing,
             "tune_ids": {b: [str(e["id"]) for e in tune_slice(ex)]
                          for b, ex in bench.tune.items() if ex}}
 

@@ -23,13 +23,15 @@ log = logging.getLogger(__name__)
 
 class ModelBench:
     """Needs ``vlm``, ``profile``, ``sources``, ``examples`` (benchmark -> every record),
-    ``batch_size``, ``progress`` and ``prefix_cache``."""
+    ``batch_size``, ``progress``, ``prefix_cache`` and ``packing``."""
 
     vlm = profile = sources = None
     examples: dict[str, list[dict]]
     batch_size: int
     progress: bool = True
     prefix_cache: bool = True
+    packing: bool = True
+    """Pack each training's records by image (``--no-packing`` turns it off)."""
 
     # ------------------------------------------------------------ data and guard
 
@@ -107,6 +109,13 @@ class ModelBench:
                           allowed_questions=self.train_templates)
         except LeakageError as exc:
             raise ProposalFailed(str(exc)) from None
+
+    def packed(self, config):
+        """``config`` with this bench's packing setting, set in place: every training of a run
+        (or a worker) packs or not as the run says, and the strategy's own record of the config
+        (``config.to_dict()`` after training) is what was trained."""
+        config.pack_by_image = self.packing
+        return config
 
     def fit(self, records: list[dict], config, out: Path, *, deadline: float, resume: bool,
             hooks=None):

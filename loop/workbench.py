@@ -47,11 +47,11 @@ class Scored:
 class Workbench(ModelBench):
     def __init__(self, *, store, run_id: int, vlm, profile, sources, budget: Budget,
                  costs: CostModel, seed: int, workdir: Path, batch_size: int, progress: bool,
-                 prefix_cache: bool = True, on_train_step=None):
+                 prefix_cache: bool = True, packing: bool = True, on_train_step=None):
         self.store, self.run_id, self.vlm, self.profile = store, run_id, vlm, profile
         self.sources, self.budget, self.costs, self.seed = sources, budget, costs, seed
         self.workdir, self.batch_size, self.progress = workdir, batch_size, progress
-        self.prefix_cache = prefix_cache
+        self.prefix_cache, self.packing = prefix_cache, packing
         self.on_train_step = on_train_step
         """Called with (adapter name, step, loss) after each optimizer step of a training."""
         self.examples: dict[str, list[dict]] = {}
@@ -206,7 +206,7 @@ class Workbench(ModelBench):
         # every path that trains passes the one leakage guard, whoever built the data
         records, guard = self.screened(records, source=f"{strategy} ({name})")
         out = self.workdir / "adapters" / name
-        records, config, replayed = self._proposal(records, config, name, strategy, parent_id,
+        records, config, replayed = self._proposal(records, self.packed(config), name, strategy, parent_id,
                                                    cycle, out)
         deadline = self.budget.deadline(deadline_s)
         hooks = None

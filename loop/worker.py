@@ -31,7 +31,8 @@ POLL_S = 2.0
 class WorkerBench(ModelBench):
     """The base model and the evaluation data, loaded from the study's ``loop_world``."""
 
-    def __init__(self, world: dict, gpu: str, batch_size: int | None, progress: bool):
+    def __init__(self, world: dict, gpu: str, batch_size: int | None, progress: bool,
+                 packing: bool = True):
         from core.data import load_benchmark
         from core.device import resolve_profile
         from core.model import load_vlm
@@ -57,11 +58,12 @@ class WorkerBench(ModelBench):
         self.vlm = load_vlm(self.sources.model, options=self.profile.load_options())
         self.batch_size = batch_size or world.get("batch_size") or self.profile.eval_batch_size
         self.progress, self.prefix_cache = progress, world.get("prefix_cache", True)
+        self.packing = run_packs(world, packing)
         self.adapter_dir = Path(world["adapter_dir"])
 
     def train(self, records: list[dict], config, *, name: str, deadline_s: float, worker: str):
         records, guard = self.screened(records, source=f"optuna_hpo on {worker} ({name})")
-        result = self.fit(records, config, self.adapter_dir / name,
+        result = self.fit(records, self.packed(config), self.adapter_dir / name,
                           deadline=time.time() + max(0.0, deadline_s), resume=False)
         if guard["refused"]:
             result.skipped["leakage_refused"] = guard["refused"]
@@ -90,6 +92,13 @@ class WorkerBench(ModelBench):
                 config, adapter_path, examples if examples is not None else self.tune[b]),
             tune_examples=self.tune, train_lr=spec["train_lr"],
             run_id=world.get("run_id"))
+
+
+def run_packs(world: dict, packing: bool = True) -> bool:
+    """Whether this worker packs its trials' records by image: as the run does
+    (``loop run --no-packing`` turns it off for every worker), unless the worker itself was
+    started with ``--no-packing``."""
+    return packing and world.get("packing", True)
 
 
 def default_name() -> str:
@@ -128,7 +137,8 @@ def check_db(db: str, owner: dict) -> None:
 
 def work(url: str, study_name: str, *, gpu: str = "auto", db: str | None = None,
          name: str | None = None, max_trials: int | None = None,
-         batch_size: int | None = None, progress: bool = True, echo=None) -> int:
+         batch_size: int | None = None, progress: bool = True, packing: bool = True,
+         echo=None) -> int:
     """Run trials of ``study_name`` until the run closes it; returns how many ran here."""
     import optuna
 
@@ -149,9 +159,9 @@ def work(url: str, study_name: str, *, gpu: str = "auto", db: str | None = None,
                               **study_options(world["seed"]))
     with hpo_study.beating(study, None, beat,
                            alive=lambda: hpo_study.report_alive(study, name, "loading")):
-        bench = WorkerBench(world, gpu, batch_size, progress)
+        bench = WorkerBench(world, gpu, batch_size, progress, packing)
     echo(f"worker {name}: {bench.sources.model} on {bench.profile.name}, taking trials of "
-         f"study '{study_name}'")
+         f"study '{study_name}'{'' if bench.packing else ', records not packed by image'}")
     builders: dict[int, SFTDataBuilder] = {}
     done = 0
     try:

@@ -14,6 +14,11 @@ Three kinds of SFT records (``core/schemas/sft_record.schema.json``), mixed in g
   option's text. Data aimed at content then teaches content, not a new answer format;
 - ``instruct``: LLaVA-Instruct-ru conversations (COCO images), to keep general ability.
 
+The GQA-ru kinds are drawn by image: the weighted draw picks an image through one of its
+questions and takes several of its questions with it, shared out between short answers and
+multiple choice, so training packs them into one conversation (``core.packing``) and reads the
+image once for all of them.
+
 Nothing comes from an evaluation split: candidates whose image or question is protected are
 skipped and counted, and the finished list goes through ``strategies.guard.check_records``.
 GQA-ru images are written once as PNG files under the builder's image folder.
@@ -49,7 +54,10 @@ log = logging.getLogger(__name__)
 
 YES_NO = {"да", "нет"}
 CANDIDATES_PER_RECORD = 6
-"""Short answers are drawn from this many times as many shuffled candidates."""
+"""GQA-ru records are drawn from the images of this many times as many shuffled candidates."""
+MAX_PER_IMAGE = 8
+"""Most questions drawn about one image: about one pack's worth on the real model (576 image
+tokens of a 1,024-token sequence leave room for 8-10 short turns)."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +120,9 @@ class SFTDataBuilder:
         self.templates = template_questions(self.pool)
         self.protected = prepare(ctx.protected)
         self.vocab: dict[str, set[str]] = defaultdict(set)
+        self.by_image: dict[str, list[int]] = defaultdict(list)
+        for i, ex in enumerate(self.pool):
+            self.by_image[str(ex["imageId"])].append(i)
         for ex in self.pool:
             self.vocab[str((ex.get("types") or {}).get("detailed"))].add(str(ex["answer"]).strip())
         self._instruct: list[dict] | None = None
@@ -165,70 +176,139 @@ class SFTDataBuilder:
 
     # ------------------------------------------------------------ the three kinds
 
-    def short_answers(self, n: int, rng: random.Random, config: EvalConfig,
-                      stats: Counter) -> list[dict]:
-        """``n`` one-word answers, weighted toward the weak question types."""
+    def _groups(self, n: int, rng: random.Random) -> list[list[tuple[int, list[str]]]]:
+        """GQA-ru train images to draw from, best first, as lists of (pool index, content labels).
+
+        ``CANDIDATES_PER_RECORD * n`` shuffled questions are keyed by their profile weight
+        (weighted sampling without replacement: ``rng.random() ** (1 / weight)``, weights toward
+        the weak question types); an image comes where its best question does, followed by its
+        other questions, each kept with probability ``weight / largest weight`` (so the draw stays
+        weighted as the profile asks: without weak types every question of the image comes), at
+        most ``MAX_PER_IMAGE`` in all. Drawn by image, the questions about one image train in one
+        pack (``core.packing``); an image with one question (most of real GQA-ru train's) is
+        simply a pack of one.
+        """
         bonus, weak = profile_weights(self.ctx)
+
+        def weighed(i: int) -> tuple[float, list[str]]:
+            ex = self.pool[i]
+            labels = sorted(classify("gqa_ru", _public(ex), "") & set(CONTENT_LABELS))
+            return 1.0 + sum(bonus.get(lb, 0.0) for lb in labels) + (_category(ex) in weak), labels
+
         order = list(range(len(self.pool)))
         rng.shuffle(order)
-        keyed = []
+        firsts = []
         for i in order[: CANDIDATES_PER_RECORD * n]:
-            ex = self.pool[i]
-            labels = classify("gqa_ru", _public(ex), "") & set(CONTENT_LABELS)
-            weight = 1.0 + sum(bonus.get(lb, 0.0) for lb in labels) + (_category(ex) in weak)
-            keyed.append((rng.random() ** (1.0 / weight), i, sorted(labels)))
-        keyed.sort(reverse=True)
-        out = []
-        for _, i, labels in keyed:
-            if len(out) == n:
-                break
-            ex = self.pool[i]
-            if self._protected(ex, stats):
+            weight, labels = weighed(i)
+            firsts.append((rng.random() ** (1.0 / weight), weight, i, labels))
+        firsts.sort(reverse=True)
+        top = max((w for _, w, _, _ in firsts), default=1.0)
+        groups, seen = [], set()
+        for _, _, i, labels in firsts:
+            image = str(self.pool[i]["imageId"])
+            if image in seen:
                 continue
-            path = self._image(ex, stats)
-            if path is None:
-                continue
-            prompt = build_prompt({**_public(ex), "benchmark": "gqa_ru"}, config)
-            record = self._record(ex, "short", prompt, str(ex["answer"]).strip(), path,
-                                  labels=labels)
-            if self._keep(record, stats):
-                out.append(record)
-                stats.update(f"short_{lb}" for lb in labels)
-        return out
+            seen.add(image)
+            group = [(i, labels)]
+            for j in self.by_image[image]:
+                if j != i and len(group) < MAX_PER_IMAGE:
+                    weight, lbs = weighed(j)
+                    if rng.random() * top < weight:
+                        group.append((j, lbs))
+            groups.append(group)
+        return groups
+
+    def gqa_records(self, n_short: int, n_choice: int, rng: random.Random, stats: Counter, *,
+                    short_config: EvalConfig | None = None,
+                    choice_config: EvalConfig | None = None, style: str = "letter",
+                    refill: bool = False) -> tuple[list[dict], list[dict]]:
+        """``n_short`` one-word answers and ``n_choice`` multiple-choice records, drawn by image
+        (``_groups``). Each image's questions are shared out between the two kinds, the kind
+        further behind its count first, so an image's short answers and multiple choice train
+        in one pack, and no question is asked twice. With ``refill``, short answers make up
+        for multiple choice that could not be built."""
+        groups = self._groups(n_short + n_choice, rng)
+        short: list[dict] = []
+        choice: list[dict] = []
+        tried: set[int] = set()
+        for again in (False, True):
+            if again:
+                if not refill or len(choice) >= n_choice:
+                    break
+                n_short, n_choice = n_short + n_choice - len(choice), len(choice)
+            for i, labels in (q for group in groups for q in group):
+                if len(short) >= n_short and len(choice) >= n_choice:
+                    break
+                if i in tried:
+                    continue
+                ex = self.pool[i]
+                record = None
+                others = self._distractors(ex) if len(choice) < n_choice else None
+                if others and (len(short) >= n_short
+                               or len(choice) * n_short <= len(short) * n_choice):
+                    tried.add(i)
+                    record = self._choice(ex, others, rng, choice_config, stats, style)
+                    if record is not None:
+                        choice.append(record)
+                elif len(short) < n_short:
+                    tried.add(i)
+                    record = self._short(ex, labels, short_config, stats)
+                    if record is not None:
+                        short.append(record)
+        return short, choice
+
+    def short_answers(self, n: int, rng: random.Random, config: EvalConfig,
+                      stats: Counter) -> list[dict]:
+        """``n`` one-word answers, weighted toward the weak question types, drawn by image."""
+        return self.gqa_records(n, 0, rng, stats, short_config=config)[0]
 
     def choices(self, n: int, rng: random.Random, config: EvalConfig,
                 stats: Counter, style: str = "letter") -> list[dict]:
         """``n`` multiple-choice questions with same-type distractors, answered by the bare
-        letter (``style="letter"``) or by the option's text (``style="text"``)."""
-        order = list(range(len(self.pool)))
-        rng.shuffle(order)
-        out = []
-        for i in order:
-            if len(out) == n:
-                break
-            ex = self.pool[i]
-            answer = str(ex["answer"]).strip()
-            others = sorted(self.vocab[str((ex.get("types") or {}).get("detailed"))] - {answer})
-            if answer.casefold() in YES_NO or not others:
-                continue
-            if self._protected(ex, stats):
-                continue
-            k = min(len(others) + 1, rng.choice([2, 3, 4, 4]))
-            texts = [answer, *rng.sample(others, k - 1)]
-            rng.shuffle(texts)
-            options = dict(zip("ABCD", texts))
-            letter = "ABCD"[texts.index(answer)]
-            path = self._image(ex, stats)
-            if path is None:
-                continue
-            prompt = build_prompt({"benchmark": "mmbench_ru", "question": ex["question"],
-                                   "hint": None, "options": options}, config)
-            record = self._record(ex, "choice", prompt, letter if style == "letter" else answer,
-                                  path, options=options, answer_style=style)
-            if self._keep(record, stats):
-                out.append(record)
-                stats[f"choice_{k}_options"] += 1
-        return out
+        letter (``style="letter"``) or by the option's text (``style="text"``), drawn by image."""
+        return self.gqa_records(0, n, rng, stats, choice_config=config, style=style)[1]
+
+    def _short(self, ex: dict, labels: list[str], config: EvalConfig,
+               stats: Counter) -> dict | None:
+        if self._protected(ex, stats):
+            return None
+        path = self._image(ex, stats)
+        if path is None:
+            return None
+        prompt = build_prompt({**_public(ex), "benchmark": "gqa_ru"}, config)
+        record = self._record(ex, "short", prompt, str(ex["answer"]).strip(), path, labels=labels)
+        if not self._keep(record, stats):
+            return None
+        stats.update(f"short_{lb}" for lb in labels)
+        return record
+
+    def _distractors(self, ex: dict) -> list[str] | None:
+        """Same-type answers other than the gold one; None for yes/no questions or none."""
+        answer = str(ex["answer"]).strip()
+        others = sorted(self.vocab[str((ex.get("types") or {}).get("detailed"))] - {answer})
+        return None if answer.casefold() in YES_NO or not others else others
+
+    def _choice(self, ex: dict, others: list[str], rng: random.Random, config: EvalConfig,
+                stats: Counter, style: str) -> dict | None:
+        if self._protected(ex, stats):
+            return None
+        answer = str(ex["answer"]).strip()
+        k = min(len(others) + 1, rng.choice([2, 3, 4, 4]))
+        texts = [answer, *rng.sample(others, k - 1)]
+        rng.shuffle(texts)
+        options = dict(zip("ABCD", texts))
+        letter = "ABCD"[texts.index(answer)]
+        path = self._image(ex, stats)
+        if path is None:
+            return None
+        prompt = build_prompt({"benchmark": "mmbench_ru", "question": ex["question"],
+                               "hint": None, "options": options}, config)
+        record = self._record(ex, "choice", prompt, letter if style == "letter" else answer,
+                              path, options=options, answer_style=style)
+        if not self._keep(record, stats):
+            return None
+        stats[f"choice_{k}_options"] += 1
+        return record
 
     def instruct(self, n: int, rng: random.Random, stats: Counter) -> list[dict]:
         """``n`` LLaVA-Instruct-ru conversations whose COCO image exists."""
@@ -272,10 +352,11 @@ class SFTDataBuilder:
         want = mix.counts(n)
         stats: Counter = Counter()
         style = choice_answer_style(self.ctx)
-        parts = {"choice": self.choices(want["choice"], rng, mmb_config, stats, style),
-                 "instruct": self.instruct(want["instruct"], rng, stats)}
-        short_n = n - len(parts["choice"]) - len(parts["instruct"])  # the short kind refills
-        parts["short"] = self.short_answers(short_n, rng, gqa_config, stats)
+        parts = {"instruct": self.instruct(want["instruct"], rng, stats)}
+        # the short kind refills what the other two could not build
+        parts["short"], parts["choice"] = self.gqa_records(
+            n - want["choice"] - len(parts["instruct"]), want["choice"], rng, stats,
+            short_config=gqa_config, choice_config=mmb_config, style=style, refill=True)
         records = [r for kind in ("short", "choice", "instruct") for r in parts[kind]]
         rng.shuffle(records)
         if not records:

@@ -40,6 +40,9 @@ def add_parser(sub) -> None:
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="compute every question's whole prompt, image included (for comparison; "
                    "by default each image's prompt prefix is computed once per batch)")
+    p.add_argument("--no-packing", dest="packing", action="store_false",
+                   help="train on one sequence per record (for comparison; by default every "
+                   "training packs the records about one image into one conversation)")
     p.add_argument("--workdir", metavar="DIR",
                    help="where adapters, SFT data and reports go, in DIR/run-<id> (default: "
                    "beside the database, <db stem>.runs/run-<id>, so databases never share files)")
@@ -90,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
                        seed=args.seed, reserve_fraction=args.reserve, max_cycles=args.max_cycles,
                        dev_size=args.dev_size, final_size=args.final_size,
                        batch_size=args.batch_size, prefix_cache=args.prefix_cache,
+                       packing=args.packing,
                        workdir=args.workdir, strategies=names,
                        objective=args.objective, report_to=args.report_to,
                        options={**resolved_options(args), "strategies": ",".join(names)},

@@ -27,8 +27,8 @@ def add_parser(sub) -> None:
     p.add_argument("--source", action="append", metavar="gqa_train|llava_instruct|FILE.jsonl",
                    help="training data; repeat to mix (default: gqa_train)")
     p.add_argument("--limit", type=int, metavar="N",
-                   help="at most N records per source, a seeded random choice (default: "
-                   "steps x batch size with --steps, else all)")
+                   help="at most N records per source, a seeded random choice, GQA-ru train "
+                   "whole images at a time (default: steps x batch size with --steps, else all)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, metavar="N", help="optimizer steps")
     length.add_argument("--epochs", type=float, metavar="X", help="passes over the data (default 1)")
@@ -39,6 +39,9 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16, metavar="N",
                    help="samples per optimizer step (default 16); the GPU profile sets the "
                    "micro-batch")
+    p.add_argument("--no-packing", dest="packing", action="store_false",
+                   help="one sequence per record (by default the records about one image are "
+                   "packed into one conversation, so the image is read once per pack)")
     p.add_argument("--train-projector", action="store_true",
                    help="also train the multi-modal projector (saved with the adapter)")
     p.add_argument("--gpu", choices=GPU_PROFILES, default="auto",
@@ -91,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(steps=args.steps, epochs=args.epochs, rank=args.rank,
                          lr=args.lr or {"demo": DEMO_LR, "saiga-tiny": TINY_LR}.get(args.preset, 2e-4),
                          batch_size=args.batch_size, train_projector=args.train_projector,
-                         seed=args.seed)
+                         seed=args.seed, pack_by_image=args.packing)
     profile = resolve_profile(args.gpu, dtype=args.dtype, load_in_4bit=args.load_in_4bit)
     profile.log_reasons()
     sources = sources_from_args(args)
@@ -120,13 +123,23 @@ def run(args: argparse.Namespace) -> int:
     finally:
         tracker.close()
     report = {"model": sources.model, "profile": profile.name, "records": len(records),
-              "guard": guard, "train": result.to_dict(), "eval_before": before,
-              "eval_after": after}
+              "guard": guard, "trained": trained(result), "train": result.to_dict(),
+              "eval_before": before, "eval_after": after}
     if args.json:
         print_json(report)
     else:
         print(render(report))
     return 0 if result.ok else 1
+
+
+def trained(result) -> dict:
+    """What the run trained: records, questions, packs (sequences) and tokens, each counted
+    every time it was seen (one epoch: once), and the data they came from."""
+    return {"packed_by_image": result.packed, "records": result.samples,
+            "questions": result.questions, "packs": result.sequences, "tokens": result.tokens,
+            "image_tokens": result.image_tokens, "text_tokens": result.text_tokens,
+            "data": {"records": result.n_records, "questions": result.n_questions,
+                     "packs": result.n_examples}}
 
 
 def _tracker(args: argparse.Namespace, out):
@@ -186,7 +199,7 @@ def load_records(names: list[str], data, limit: int | None, seed: int, protected
 
             pool = load_gqa(data.gqa, "train")
             templates = template_questions(pool)
-            part = gqa_records(_pick(pool, limit, rng), stats=skipped)
+            part = gqa_records(pick_by_image(pool, limit, rng), stats=skipped)
         elif name == "llava_instruct":
             from core.data import load_llava_instruct
 
@@ -212,6 +225,25 @@ def _pick(rows: list, limit: int | None, rng) -> list:
     if limit is None or limit >= len(rows):
         return rows
     return rng.sample(rows, limit)
+
+
+def pick_by_image(rows: list[dict], limit: int | None, rng) -> list[dict]:
+    """At most ``limit`` GQA-ru questions, whole images at a time (images in a seeded random
+    order, the last one cut at the limit), so a pack by image holds all of an image's questions
+    that were drawn; the same draw with or without packing."""
+    if limit is None or limit >= len(rows):
+        return rows
+    by_image: dict[str, list[dict]] = {}
+    for row in rows:
+        by_image.setdefault(str(row["imageId"]), []).append(row)
+    images = sorted(by_image)
+    rng.shuffle(images)
+    out: list[dict] = []
+    for image in images:
+        out += by_image[image][:limit - len(out)]
+        if len(out) == limit:
+            break
+    return out
 
 
 def _dev_examples(data, n: int, seed: int) -> list[dict]:
@@ -245,7 +277,10 @@ def render(report: dict) -> str:
     t = report["train"]
     rows = [["status", t["status"] + (f" ({t['error']})" if t["error"] else "")],
             ["adapter", f"{t['adapter_name']} -> {t['adapter_path']}"],
-            ["steps / samples", f"{t['steps']} / {t['samples']} (of {report['records']} records)"],
+            ["steps / records", f"{t['steps']} / {t['samples']} (of {report['records']} records)"],
+            ["questions / packs", f"{t['questions']} / {t['sequences']}"
+             + (" (packed by image)" if t["packed"] else " (not packed)")],
+            ["tokens: image + text", f"{t['image_tokens']} + {t['text_tokens']}"],
             ["loss first -> last", _loss(t["loss_curve"])],
             ["tokens/s", t["tokens_per_s"]], ["seconds", round(t["seconds"], 1)],
             ["peak memory", f"{t['peak_memory_gb']} GB ({t['memory_kind']})"],

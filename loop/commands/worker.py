@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
                    help="this worker's name in the study (default: host, GPU and pid)")
     p.add_argument("--batch-size", type=int, metavar="N",
                    help="evaluation batch size (default: the run's)")
+    p.add_argument("--no-packing", dest="packing", action="store_false",
+                   help="train on one sequence per record even when the run packs records by "
+                   "image (a run started with --no-packing never packs)")
     p.set_defaults(func=run)
 
 
@@ -41,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_trials is not None and args.max_trials < 1:
         raise UserError(f"--max-trials must be at least 1, but got {args.max_trials}")
     done = work(normalized(args.storage), args.study, gpu=args.gpu, db=args.db, name=args.name,
-                max_trials=args.max_trials, batch_size=args.batch_size, progress=not args.quiet)
+                max_trials=args.max_trials, batch_size=args.batch_size, progress=not args.quiet,
+                packing=args.packing)
     print(f"{done} trials run")
     return 0
