@@ -160,3 +160,64 @@ def test_seconds_a_pruned_trial_did_not_spend_come_back_as_a_slot():
     assert hpo_study.refund(study, 3, time_box=40.0, left=200.0, floor=10.0) == 10.0
     assert hpo_study.refund(study, 3, time_box=40.0, left=200.0, floor=1.0) is None  # all given
     assert hpo_study.refund(study, 4, time_box=40.0, left=200.0, floor=1.0) is None  # other cycle
+
+
+# ---------------------------------------------------------------- the real trainer on the demo
+
+
+@pytest.fixture(scope="module")
+def demo_cycle(tmp_path_factory):
+    """The demo's loop up to its first HPO cycle: the real model, trainer and evaluator."""
+    from core.demo.world import ensure_demo_world
+    from loop.controller import Loop, RunConfig
+    from loop.store import Store
+
+    ensure_demo_world()
+    tmp = tmp_path_factory.mktemp("demo-hpo")
+    config = RunConfig(budget_s=3600, gpu="cpu", preset="demo", dev_size=30, final_size=30,
+                       batch_size=32, progress=False)
+    store = Store(tmp / "experiments.db")
+    loop = Loop(config, store, echo=lambda msg: None)
+    loop.start()
+    loop.set_up()
+    champion, scores = loop.baseline()
+    profiles = {b: loop.bench.error_profile(s) for b, s in scores.items()}
+    yield loop, loop.context(champion, profiles, 600.0, 1, "optuna_hpo")
+    store.close()
+
+
+@pytest.mark.slow
+def test_real_trials_report_while_they_train_and_a_loser_stops_early(demo_cycle):
+    from strategies.optuna_hpo import OptunaHPO
+
+    loop, ctx = demo_cycle
+    assert ctx.evaluate_live is not None
+    study = OptunaHPO().open_study(ctx)
+    builder = SFTDataBuilder(ctx)
+    quick = {**GOOD, "lr": ctx.train_lr, "steps_frac": 0.3}
+
+    number = _run(ctx, study, quick, builder, seconds=90.0)
+    first = study.trials[number]
+    assert first.state == TrialState.COMPLETE  # nothing to compare with yet
+    reports = first.user_attrs["reports"]
+    assert [r["at"] for r in reports] == [25, 50, 75, 100]
+    assert all(0.0 <= r["value"] <= 1.0 for r in reports)
+    assert reports[-1]["step"] == reports[-1]["steps"] == first.user_attrs["train"]["config"][
+        "steps"]
+    assert reports[0]["step"] < reports[1]["step"] < reports[2]["step"] < reports[-1]["step"]
+
+    # two finished trials that scored 1.0 at every point: the next real trial is worse
+    for _ in range(2):
+        study.add_trial(optuna.trial.create_trial(
+            value=1.0, intermediate_values={25: 1.0, 50: 1.0, 75: 1.0, 100: 1.0}))
+    number = _run(ctx, study, quick, builder, seconds=90.0)
+    loser = study.trials[number]
+    assert loser.state == TrialState.PRUNED
+    pruned = loser.user_attrs["pruned"]
+    assert pruned["at"] == 50 and pruned["step"] < pruned["steps"]
+    assert pruned["median"] == 1.0 and pruned["saved_train_s"] > 0
+    assert "adapter_path" not in loser.user_attrs or not loser.user_attrs["adapter_path"]
+    name = f"{study.study_name}-t{loser.number}"
+    assert not (loop.bench.workdir / "adapters" / name / "adapter_config.json").exists()
+    # the model is as it was: the next trial trains and evaluates normally
+    assert not any(name in a for a in loop.bench.vlm.adapters.values())
