@@ -221,3 +221,47 @@ def test_real_trials_report_while_they_train_and_a_loser_stops_early(demo_cycle)
     assert not (loop.bench.workdir / "adapters" / name / "adapter_config.json").exists()
     # the model is as it was: the next trial trains and evaluates normally
     assert not any(name in a for a in loop.bench.vlm.adapters.values())
+
+
+# ---------------------------------------------------------------- where trials are shown
+
+
+def test_loop_show_and_log_list_the_trials_and_why_one_was_pruned(tmp_path, capsys):
+    import json
+
+    from test_cli_log import cli, fill
+
+    from loop.store import Store
+
+    path = tmp_path / "experiments.db"
+    ids = fill(path)
+    reason = ("pruned at 50% of its steps (step 12/24): report-slice accuracy 0.310 below the "
+              "median 0.620 of 2 completed trials there; 95 s not spent")
+    done = optuna.trial.create_trial(
+        value=0.64, intermediate_values={25: 0.5, 50: 0.6, 75: 0.62, 100: 0.64},
+        user_attrs={"cycle": 2, "worker": {"name": "loop"}, "reports": [
+            {"at": at, "value": v} for at, v in ((25, 0.5), (50, 0.6), (75, 0.62), (100, 0.64))]})
+    pruned = optuna.trial.create_trial(
+        state=TrialState.PRUNED, value=0.31, intermediate_values={25: 0.3, 50: 0.31},
+        user_attrs={"cycle": 2, "worker": {"name": "gpu1"},
+                    "pruned": {"at": 50, "step": 12, "steps": 24, "value": 0.31,
+                               "median": 0.62, "saved_train_s": 80.0, "saved_s": 95.0,
+                               "reason": reason}})
+    with Store(path) as store:
+        for number, t in enumerate((done, pruned)):
+            t.number = number
+            store.save_proposal(ids["run"], 2, f"hpo-trial-s-{number}", trial_record("s", t))
+
+    assert cli("show", "2", "--db", str(path), "--run", str(ids["run"])) == 0
+    out = capsys.readouterr().out
+    assert "2 HPO trials: 1 complete, 1 pruned, 0 failed, pruning saved 1m35s:" in out
+    assert "25%:0.500 50%:0.600 75%:0.620 100%:0.640" in out
+    assert "1      PRUNED" in out and reason in out
+    assert cli("log", "--db", str(path), "--json") == 0
+    cycles = json.loads(capsys.readouterr().out)["runs"][0]["cycles"]
+    assert "trials" not in cycles[0]
+    assert cycles[1]["trials"] == {"n": 2, "complete": 1, "pruned": 1, "failed": 0,
+                                   "saved_s": 95.0}
+    assert cli("log", "--db", str(path)) == 0
+    assert "cycle 2: 2 HPO trials: 1 complete, 1 pruned, 0 failed, pruning saved 1m35s" in \
+        capsys.readouterr().out
