@@ -265,3 +265,32 @@ def test_loop_show_and_log_list_the_trials_and_why_one_was_pruned(tmp_path, caps
     assert cli("log", "--db", str(path)) == 0
     assert "cycle 2: 2 HPO trials: 1 complete, 1 pruned, 0 failed, pruning saved 1m35s" in \
         capsys.readouterr().out
+
+
+def test_a_cycle_runs_more_trials_with_the_time_its_pruned_trials_gave_back(tmp_path, fake_data,
+                                                                           world):
+    import strategies
+    from strategies.base import ProposalFailed
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    seeded = optuna.create_study(storage=storage, study_name="loop-hpo-0", direction="maximize")
+    for _ in range(2):  # finished trials nobody can beat: every trial of the cycle is pruned
+        seeded.add_trial(optuna.trial.create_trial(
+            value=1.0, intermediate_values={25: 1.0, 50: 1.0, 75: 1.0, 100: 1.0}))
+    ctx, fakes = make_ctx(tmp_path, fake_data, world.protected, storage=storage,
+                          time_left=300.0, fakes=LiveFakes())
+    ctx.evaluate_live = fakes.evaluate_live
+    with pytest.raises(ProposalFailed, match="no completed trial"):
+        strategies.get("optuna_hpo").propose(ctx)
+    study = optuna.load_study(study_name="loop-hpo-0", storage=storage)
+    cycle = hpo_study.cycle_trials(study, ctx.cycle)
+    offered = [t for t in cycle if hpo_study.REFUND_ATTR not in t.user_attrs]
+    given_back = [t for t in cycle if hpo_study.REFUND_ATTR in t.user_attrs]
+    assert given_back and len(fakes.train_calls) > len(offered)
+    assert {t.state for t in offered} == {TrialState.PRUNED}
+    saved = sum(t.user_attrs["pruned"]["saved_s"] for t in cycle if t.state == TrialState.PRUNED)
+    assert sum(t.user_attrs[hpo_study.REFUND_ATTR] for t in given_back) <= saved
+    # a slot given back has that many seconds: its training was planned within them
+    for t in given_back:
+        if t.state == TrialState.PRUNED:
+            assert t.user_attrs["seconds"] <= t.user_attrs[hpo_study.REFUND_ATTR]
