@@ -63,7 +63,7 @@ from core.sft import data_fingerprint, validate_records
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("finished", "deadline", "failed_nan", "failed_oom", "failed_data")
+STATUSES = ("finished", "deadline", "stopped", "failed_nan", "failed_oom", "failed_data")
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "trainer_state.pt"
 
@@ -172,7 +172,8 @@ class TrainResult:
     """What a run did; ``to_dict()`` goes into ``loop_adapter.json`` and the experiment record."""
 
     status: str
-    """finished | deadline | failed_nan | failed_oom | failed_data."""
+    """finished | deadline | stopped (by ``TrainHooks.evaluate``; nothing saved) | failed_nan |
+    failed_oom | failed_data."""
     adapter_name: str
     adapter_path: str | None = None
     """The saved adapter folder; None unless status is finished or deadline."""
@@ -248,6 +249,13 @@ class TrainHooks:
     """Called before each forward pass; may raise (e.g. ``torch.OutOfMemoryError``)."""
     after_step: Callable[[int, float], None] | None = None
     """Called with (step, loss) after each optimizer step."""
+    evaluate_at: tuple[float, ...] = ()
+    """Shares of the planned steps (between 0 and 1) after which ``evaluate`` is called."""
+    evaluate: Callable[[int, int], bool] | None = None
+    """Called with (step, planned steps) at ``evaluate_at``, with the adapter trained so far
+    active, in eval mode, without gradient checkpointing, under the training's autocast.
+    Training then goes on as it was (train mode, checkpointing, random state; the optimizer is
+    not touched). Returning True stops training: status "stopped", nothing saved."""
 
 
 class _NonFinite(Exception):
@@ -374,6 +382,8 @@ def train_lora(vlm, records: list[dict], config: TrainConfig, out_dir: str | Pat
             result.status, result.error = "failed_nan", "adapter weights are not finite"
     if result.adapter_path is None:
         remove_adapter(vlm, name)
+        if status == "stopped":  # never resumed
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
         if result.status.startswith("failed"):
             log.warning("training adapter '%s' failed (%s): %s", name, result.status,
                         result.error)
@@ -415,6 +425,7 @@ def _steps(ctx: _Ctx, plan: _Plan, state: _State, ckpt_dir: Path, fingerprint: s
     last_ckpt, save_s, step_s = time.time(), 1.0, None
     bar = tqdm(total=plan.total_steps, initial=state.step, desc=f"train {name}", unit="step",
                dynamic_ncols=True)
+    marks = _evaluation_steps(ctx.hooks, plan.total_steps)
     with _training_mode(ctx.model, checkpointing):
         while state.step < plan.total_steps:
             if deadline is not None and time.time() + (step_s or 0.0) * 1.2 + save_s > deadline:
@@ -440,6 +451,12 @@ def _steps(ctx: _Ctx, plan: _Plan, state: _State, ckpt_dir: Path, fingerprint: s
                             tok_s=f"{state.tokens / max(state.train_seconds, 1e-9):.0f}")
             if ctx.hooks.after_step:
                 ctx.hooks.after_step(state.step, loss)
+            if state.step in marks and _evaluate(ctx, state.step, plan.total_steps,
+                                                 checkpointing):
+                status = "stopped"
+                log.info("stopping adapter '%s' at step %d/%d: its evaluation said so", name,
+                         state.step, plan.total_steps)
+                break
             due = (config.checkpoint_every and state.step % config.checkpoint_every == 0) or (
                 config.checkpoint_every_s and time.time() - last_ckpt > config.checkpoint_every_s)
             if due and state.step < plan.total_steps:
@@ -450,6 +467,34 @@ def _steps(ctx: _Ctx, plan: _Plan, state: _State, ckpt_dir: Path, fingerprint: s
                 last_ckpt, save_s = time.time(), max(1.0, 2 * (time.time() - t_save))
     bar.close()
     return status, error
+
+
+def _evaluation_steps(hooks: TrainHooks, total: int) -> set[int]:
+    """The steps after which ``hooks.evaluate`` runs (never after the last: the caller
+    evaluates the saved adapter)."""
+    if hooks.evaluate is None:
+        return set()
+    return {k for f in hooks.evaluate_at if 0 < (k := max(1, round(f * total))) < total}
+
+
+def _evaluate(ctx: _Ctx, step: int, total: int, checkpointing: bool) -> bool:
+    """``hooks.evaluate`` between two steps; True to stop training."""
+    import torch
+
+    rng = (random.getstate(), torch.get_rng_state(),
+           torch.cuda.get_rng_state_all() if ctx.device.type == "cuda" else None)
+    autocast = ctx.profile.autocast_dtype
+    _leave_training(ctx.model, checkpointing)
+    try:
+        with torch.autocast(ctx.device.type, dtype=getattr(torch, autocast or "float32"),
+                            enabled=autocast is not None):
+            return bool(ctx.hooks.evaluate(step, total))
+    finally:
+        _enter_training(ctx.model, checkpointing)
+        random.setstate(rng[0])
+        torch.set_rng_state(rng[1])
+        if rng[2] is not None:
+            torch.cuda.set_rng_state_all(rng[2])
 
 
 def _run_step(ctx: _Ctx, batch: list, state: _State) -> float:
@@ -611,6 +656,14 @@ def _init_from_parent(model, name: str, config: TrainConfig) -> None:
 @contextmanager
 def _training_mode(model, checkpointing: bool):
     """train() plus gradient checkpointing with input grads; undone on exit."""
+    _enter_training(model, checkpointing)
+    try:
+        yield
+    finally:
+        _leave_training(model, checkpointing)
+
+
+def _enter_training(model, checkpointing: bool) -> None:
     base = model.get_base_model()
     if checkpointing:
         enable = getattr(base, "activation_checkpointing_enable", None)
@@ -623,14 +676,15 @@ def _training_mode(model, checkpointing: bool):
             # gradient to the LoRA weights inside them.
             base.enable_input_require_grads()
     model.train()
-    try:
-        yield
-    finally:
-        model.eval()
-        if checkpointing:
-            disable = getattr(base, "activation_checkpointing_disable", None)
-            (disable or base.gradient_checkpointing_disable)()
-            base.disable_input_require_grads()
+
+
+def _leave_training(model, checkpointing: bool) -> None:
+    base = model.get_base_model()
+    model.eval()
+    if checkpointing:
+        disable = getattr(base, "activation_checkpointing_disable", None)
+        (disable or base.gradient_checkpointing_disable)()
+        base.disable_input_require_grads()
 
 
 def _restore_saved_dtypes(vlm, model, name: str) -> None:

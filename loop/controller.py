@@ -498,11 +498,12 @@ class Loop:
             history=list(self.history), time_left_s=time_left, rates=bench.costs.rates,
             dev_sizes={b: len(bench.dev[b]) for b in BENCHMARKS}, data=bench.sources.data,
             protected=bench.protected, workdir=bench.workdir / f"cycle-{index}",
-            train=lambda records, config, *, name, deadline_s: bench.train(
-                records, config, name=name, deadline_s=deadline_s,
-                strategy=strategy, parent_id=champion.adapter_id, cycle=index),
+            train=lambda records, config, *, name, deadline_s, hooks=None: bench.train(
+                records, config, name=name, deadline_s=deadline_s, strategy=strategy,
+                parent_id=champion.adapter_id, cycle=index, hooks=hooks),
             evaluate=lambda b, config, *, adapter_path, examples=None: bench.run_eval(
                 b, config, adapter_path, examples if examples is not None else bench.tune[b]),
+            evaluate_live=lambda b, config, examples: bench.score_live(config, examples),
             tune_examples=bench.tune,
             optuna_storage=self.storage_url or self.store.optuna_storage_url(),
             shared_storage=bool(self.storage_url), study_name=self.config.study,

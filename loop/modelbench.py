@@ -95,6 +95,12 @@ class ModelBench:
         return evaluate(self.vlm, examples, config, batch_size=self.batch_size,
                         progress=self.progress, prefix_cache=self.prefix_cache)
 
+    def score_live(self, config, examples: list[dict]):
+        """Evaluate ``examples`` with the adapter being trained, as it is (from a training
+        hook: the adapter is not saved nor registered yet, so nothing is switched)."""
+        return evaluate(self.vlm, examples, config, batch_size=self.batch_size,
+                        progress=False, prefix_cache=self.prefix_cache)
+
     def screened(self, records: list[dict], source: str) -> tuple[list[dict], dict]:
         """The records the leakage guard lets through, and its counts.
 

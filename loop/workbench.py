@@ -195,7 +195,7 @@ class Workbench(ModelBench):
     # ------------------------------------------------------------ training
 
     def train(self, records: list[dict], config, *, name: str, deadline_s: float,
-              strategy: str, parent_id: int | None = None, cycle: int = 0):
+              strategy: str, parent_id: int | None = None, cycle: int = 0, hooks=None):
         """Train an adapter under a deadline, register it, feed the cost model.
 
         The proposal (data file with its sha256, full config) is stored before training starts,
@@ -209,11 +209,13 @@ class Workbench(ModelBench):
         records, config, replayed = self._proposal(records, self.packed(config), name, strategy, parent_id,
                                                    cycle, out)
         deadline = self.budget.deadline(deadline_s)
-        hooks = None
         if self.on_train_step is not None:
+            from dataclasses import replace
+
             from core.train import TrainHooks
 
-            hooks = TrainHooks(after_step=lambda step, loss: self.on_train_step(name, step, loss))
+            hooks = replace(hooks or TrainHooks(),
+                            after_step=lambda step, loss: self.on_train_step(name, step, loss))
         try:
             result = self.fit(records, config, out, deadline=deadline, resume=True, hooks=hooks)
         except Exception as exc:
@@ -222,7 +224,7 @@ class Workbench(ModelBench):
             aside = _set_aside(out)
             log.warning("cannot continue the training in %s (%s); moved it to %s and training "
                         "again from the start", out, exc, aside)
-            result = self.fit(records, config, out, deadline=deadline, resume=False)
+            result = self.fit(records, config, out, deadline=deadline, resume=False, hooks=hooks)
         self.store.heartbeat()
         if guard["refused"]:
             result.skipped["leakage_refused"] = guard["refused"]

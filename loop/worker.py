@@ -61,10 +61,11 @@ class WorkerBench(ModelBench):
         self.packing = run_packs(world, packing)
         self.adapter_dir = Path(world["adapter_dir"])
 
-    def train(self, records: list[dict], config, *, name: str, deadline_s: float, worker: str):
+    def train(self, records: list[dict], config, *, name: str, deadline_s: float, worker: str,
+              hooks=None):
         records, guard = self.screened(records, source=f"optuna_hpo on {worker} ({name})")
         result = self.fit(records, self.packed(config), self.adapter_dir / name,
-                          deadline=time.time() + max(0.0, deadline_s), resume=False)
+                          deadline=time.time() + max(0.0, deadline_s), resume=False, hooks=hooks)
         if guard["refused"]:
             result.skipped["leakage_refused"] = guard["refused"]
         return (str(self.adapter_dir / name) if result.ok else None), result
@@ -86,10 +87,11 @@ class WorkerBench(ModelBench):
                             rates.get("load_s", 0.0)),
             dev_sizes={}, data=self.sources.data, protected=self.protected,
             workdir=Path(spec["workdir"]),
-            train=lambda records, config, *, name, deadline_s: self.train(
-                records, config, name=name, deadline_s=deadline_s, worker=worker),
+            train=lambda records, config, *, name, deadline_s, hooks=None: self.train(
+                records, config, name=name, deadline_s=deadline_s, worker=worker, hooks=hooks),
             evaluate=lambda b, config, *, adapter_path, examples=None: self.score(
                 config, adapter_path, examples if examples is not None else self.tune[b]),
+            evaluate_live=lambda b, config, examples: self.score_live(config, examples),
             tune_examples=self.tune, train_lr=spec["train_lr"],
             run_id=world.get("run_id"))
 
@@ -179,7 +181,8 @@ def work(url: str, study_name: str, *, gpu: str = "auto", db: str | None = None,
                 continue
             cycle = trial.user_attrs[hpo_study.CYCLE_ATTR]
             spec = study.user_attrs[f"loop_cycle_{cycle}"]
-            seconds = min(spec["time_box_s"], spec["expires_at"] - time.time())
+            seconds = min(trial.user_attrs.get(hpo_study.REFUND_ATTR) or spec["time_box_s"],
+                          spec["expires_at"] - time.time())
             if seconds <= 0:
                 trial.set_user_attr("cancelled", "the cycle had ended when a worker took it")
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)

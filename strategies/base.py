@@ -104,12 +104,19 @@ class Context:
     workdir: Path
     """A folder of this cycle's own for data files and adapters."""
     train: Callable[..., Any]
-    """train(records, train_config, *, name, deadline_s) -> (adapter_path, TrainResult).
+    """train(records, train_config, *, name, deadline_s, hooks=None) -> (adapter_path,
+    TrainResult).
 
     ``deadline_s`` is a duration: seconds from the call by which training has stopped and the
-    adapter is saved. ``adapter_path`` is None when training produced no usable adapter."""
+    adapter is saved. ``adapter_path`` is None when training produced no usable adapter.
+    ``hooks`` (``core.train.TrainHooks``): callbacks during training, e.g. ``evaluate_live``
+    at fixed points."""
     evaluate: Callable[..., Any]
     """evaluate(benchmark, eval_config, *, adapter_path, examples=None) -> EvalResult."""
+    evaluate_live: Callable[..., Any] | None = None
+    """evaluate_live(benchmark, eval_config, examples) -> EvalResult with the adapter being
+    trained as it is (only from a ``TrainHooks.evaluate`` callback of ``train``); None where
+    the trainer cannot (HPO trials then report only after training)."""
     tune_examples: dict[str, list[dict]] = field(default_factory=dict)
     """benchmark -> the analysis subset: dev-split questions outside the dev subset that judges,
     for the champion's error profile and for strategies that search."""

@@ -16,7 +16,8 @@ What lives in the study, besides Optuna's own trials:
 - ``loop_worker_<name>``: each worker's last sign of life.
 - slots: WAITING trials tagged with user attribute ``cycle``; whoever claims one (a worker,
   or the loop when no worker is alive) runs it. A claim is Optuna's own WAITING -> RUNNING
-  state change, which only one process wins.
+  state change, which only one process wins. The seconds a pruned trial did not spend come
+  back to its cycle as one more slot (``refund``), whose time box they are.
 
 Heartbeat: on an RDB storage every running trial's process records a heartbeat; a trial
 whose process died is failed after the grace period by whoever looks next (the loop while it
@@ -45,6 +46,9 @@ MAX_RETRY = 2
 """How often a trial whose process died is queued again."""
 CYCLE_ATTR = "cycle"
 """Trial user attribute: the HPO cycle a slot belongs to."""
+REFUND_ATTR = "refund_s"
+"""Trial user attribute of a slot offered with seconds that pruned trials did not spend: its
+time box."""
 
 
 def masked(url: str) -> str:
@@ -210,6 +214,26 @@ def cancel_waiting(study, cycle: int, why: str) -> list[int]:
         study.tell(trial, state=TrialState.FAIL)
         cancelled.append(trial.number)
     return cancelled
+
+
+def refund(study, cycle: int, time_box: float, left: float, floor: float) -> float | None:
+    """Offer one more slot of ``cycle`` when its pruned trials left seconds unspent: their
+    seconds not yet given back, at most ``time_box`` and what ``left`` holds beyond the waiting
+    slots; none under ``floor`` (the smallest trial). Returns the new slot's time box."""
+    from optuna.trial import TrialState
+
+    trials = cycle_trials(study, cycle)
+    saved = sum((t.user_attrs.get("pruned") or {}).get("saved_s", 0.0) for t in trials
+                if t.state == TrialState.PRUNED)
+    given = sum(t.user_attrs.get(REFUND_ATTR) or 0.0 for t in trials)
+    waiting = sum(t.state == TrialState.WAITING for t in trials)
+    seconds = min(time_box, saved - given, left - waiting * time_box)
+    if seconds < floor:
+        return None
+    study.enqueue_trial({}, user_attrs={CYCLE_ATTR: cycle, REFUND_ATTR: round(seconds, 2)})
+    log.info("cycle %d: pruned trials left %.0f s unspent; one more trial of %.0f s offered",
+             cycle, saved - given, seconds)
+    return seconds
 
 
 # ---------------------------------------------------------------- workers and heartbeats

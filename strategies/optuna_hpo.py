@@ -15,7 +15,10 @@ the slots nobody took, and uses whatever finished: the best completed trial not 
 this run becomes the candidate. A trial still running at the deadline may finish later and be
 proposed by a later cycle. Every trial (``strategies.hpo_trial.run_trial``, the same function in
 the loop and in a worker) trains through ``ctx.train`` and is scored on ``ctx.tune_examples``;
-every finished trial is recorded in experiments.db through ``ctx.record_trial``.
+while it trains it reports its score on a fixed slice of them, and the median pruner stops a
+losing trial early (``strategies.hpo_reports``); the seconds it did not spend come back to the
+cycle as one more slot. Every finished trial is recorded in experiments.db through
+``ctx.record_trial``.
 """
 
 from __future__ import annotations
@@ -211,6 +214,7 @@ class OptunaHPO(Strategy):
             left = min(available - clock.elapsed(), clock.left(reserve))
             if ctx.shared_storage:
                 hpo_study.fail_dead_trials(study)
+            hpo_study.refund(study, ctx.cycle, time_box, left, self.trial_floor(ctx))
             mine = hpo_study.cycle_trials(study, ctx.cycle, (TrialState.WAITING,
                                                              TrialState.RUNNING))
             if not mine or left <= 0:
@@ -224,8 +228,9 @@ class OptunaHPO(Strategy):
                     builder = builder or SFTDataBuilder(ctx)
                     keep = (hpo_study.beating(study, trial._trial_id, beat) if ctx.shared_storage
                             else contextlib.nullcontext())
+                    box = trial.user_attrs.get(hpo_study.REFUND_ATTR) or time_box
                     with keep:
-                        ran.append(run_trial(ctx, study, trial, builder, min(time_box, left)))
+                        ran.append(run_trial(ctx, study, trial, builder, min(box, left)))
                 continue
             if not ctx.shared_storage or (alone and not any(
                     t.state == TrialState.RUNNING for t in mine)):
@@ -243,6 +248,8 @@ class OptunaHPO(Strategy):
                 and Path(t.user_attrs["adapter_path"]).exists()]
         this_cycle = hpo_study.cycle_trials(study, ctx.cycle)
         states = {t.number: t.state.name for t in this_cycle}
+        pruned = {t.number: t.user_attrs["pruned"] for t in this_cycle
+                  if t.state == TrialState.PRUNED and t.user_attrs.get("pruned")}
         if not done:
             raise ProposalFailed(f"optuna_hpo: no completed trial with an adapter to propose "
                                  f"(this cycle's trials: {states})")
@@ -255,6 +262,9 @@ class OptunaHPO(Strategy):
             details={"study": study.study_name, "trial_number": best.number,
                      "tune_value": best.value, "params": best.params,
                      "data": best.user_attrs.get("data"), "trials_this_cycle": states,
+                     "reports": best.user_attrs.get("reports"), "pruned": pruned,
+                     "refunded_s": round(sum(t.user_attrs.get(hpo_study.REFUND_ATTR) or 0.0
+                                             for t in this_cycle), 2),
                      "run_here": ran, "cancelled": cancelled,
                      "workers": {t.number: (t.user_attrs.get("worker") or {}).get("name")
                                  for t in this_cycle if t.user_attrs.get("worker")},

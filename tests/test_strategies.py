@@ -658,7 +658,7 @@ def test_optuna_hpo_never_leaves_a_trial_running_on_an_exception(tmp_path, fake_
     assert study.trials[0].user_attrs["worker"]["name"] == "loop"
 
 
-def test_optuna_hpo_scores_on_tune_examples_only_and_reports_halves(tmp_path, fake_data, world):
+def test_optuna_hpo_scores_on_tune_examples_only_report_slice_first(tmp_path, fake_data, world):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     ctx, fakes = make_ctx(tmp_path, fake_data, world.protected, storage=storage)
     strategies.get("optuna_hpo").propose(ctx)
@@ -668,17 +668,17 @@ def test_optuna_hpo_scores_on_tune_examples_only_and_reports_halves(tmp_path, fa
         assert call["examples"] is not None and {ex["id"] for ex in call["examples"]} <= tune_ids
     study = optuna.load_study(study_name="loop-hpo-0", storage=storage)
     for trial in study.get_trials(states=(TrialState.COMPLETE,)):
-        assert set(trial.intermediate_values) == {0, 1}
+        assert set(trial.intermediate_values) == {100}  # no live scoring: after training only
     mmb_halves = [c["examples"] for c in fakes.eval_calls if c["benchmark"] == "mmbench_ru"][:2]
     groups = [{int(ex["index"]) % 1_000_000 for ex in half} for half in mmb_halves]
     assert not groups[0] & groups[1]
 
 
-def test_optuna_hpo_pruned_trial_skips_the_second_half(tmp_path, fake_data, world):
+def test_optuna_hpo_pruned_trial_skips_the_rest_of_the_tune_set(tmp_path, fake_data, world):
     ctx, fakes = make_ctx(tmp_path, fake_data, world.protected)
     trial = SimpleNamespace(report=lambda value, step: None, should_prune=lambda: True)
     assert score_trial(ctx, trial, "/adapter") is None
-    assert len(fakes.eval_calls) == 2  # the first half of each benchmark only
+    assert len(fakes.eval_calls) == 2  # the report slice of each benchmark only
 
 
 def test_optuna_hpo_fits_the_number_of_trials_to_the_time(tmp_path, fake_data, world):

@@ -40,6 +40,7 @@ def summarize_run(store: Store, run: dict[str, Any]) -> dict[str, Any]:
     """One run in the ``log --json`` shape: the keys the mission asks for, plus a few."""
     summary = {key: run[key] for key in ("id", "status", "budget_s", "spent_s", "preset", "gpu",
                                          "started_at", "finished_at")}
+    proposals = store.proposals(run["id"])
     summary["cycles"] = [{
         "index": c["index"], "strategy": c["strategy"], "status": c["status"],
         "dev": c["dev"] or {}, "duration_s": c["duration_s"], "dev_ci": c["dev_ci"] or {},
@@ -48,12 +49,13 @@ def summarize_run(store: Store, run: dict[str, Any]) -> dict[str, Any]:
         "decision": next((t.get("decision") for t in (c["paired"] or {}).values()
                           if t and t.get("decision")), None),
         "adapter_id": c["adapter_id"],
+        **_trials(proposals, c["index"]),
     } for c in store.cycles(run["id"])]
     summary["run_dir"] = str(store.run_dir(run["id"]))
     summary["resumes"] = [{"at": r["at"], "spent_s": r["spent_s"], "redone": r["redone"]}
                           for r in store.resumes(run["id"])]
     summary["objective"] = (run.get("config") or {}).get("objective", "benchmark")
-    ended = [p for p in store.proposals(run["id"]) if p["name"] == "cycles-end"]
+    ended = [p for p in proposals if p["name"] == "cycles-end"]
     if ended:  # why the cycles stopped before the budget's reserve
         summary["cycles_ended"] = ended[-1]["payload"]["reason"]
     if run["status"] == "finished" or run["final"] is not None:
@@ -62,6 +64,14 @@ def summarize_run(store: Store, run: dict[str, Any]) -> dict[str, Any]:
         if run.get("final_deployed"):
             summary["final_deployed"] = run["final_deployed"]
     return summary
+
+
+def _trials(proposals: list[dict[str, Any]], index: int) -> dict[str, Any]:
+    """``{"trials": {n, complete, pruned, failed, saved_s}}`` for a cycle that ran HPO trials."""
+    from loop import trials_view
+
+    trials = trials_view.trials_of([p for p in proposals if p["cycle_index"] == index])
+    return {"trials": trials_view.summary(trials)} if trials else {}
 
 
 def format_pct(value: float | None, ci: list[float] | tuple[float, float] | None = None) -> str:
@@ -147,6 +157,11 @@ def render_run(run: dict[str, Any]) -> str:
         row += [format_p(c["p_value"].get(b)) for b in benches]
         rows.append(row + [format_duration(c["duration_s"])])
     lines.append("  " + format_table(headers, rows).replace("\n", "\n  "))
+    for c in cycles:
+        if c.get("trials"):
+            from loop.trials_view import summary_line
+
+            lines.append(f"  cycle {c['index']}: {summary_line(c['trials'], format_duration)}")
     if run.get("cycles_ended"):
         lines.append(f"  cycles ended: {run['cycles_ended']}")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from core.exceptions import UserError
+from loop import trials_view
 from loop.commands._common import add_db_arg, add_json_arg, format_table, print_json
 from loop.commands.log import (
     benchmarks_of,
@@ -122,12 +123,13 @@ def cycle_view(store: Store, run_id: int, index: int, limit: int = 5) -> dict[st
         previous = champion.get(bench) if cycle["status"] != "baseline" else None
         examples[bench] = compare(store.predictions(previous) if previous else None,
                                   store.predictions(eval_id), limit)
+    proposals = store.proposals(run_id, index)
     return {"run_id": run_id, **cycle, "decision": decision(cycle),
             "champion_eval_ids": champion, "examples": examples,
-            "run_dir": str(store.run_dir(run_id)),
+            "run_dir": str(store.run_dir(run_id)), "trials": trials_view.trials_of(proposals),
             "proposals": [{"name": p["name"], "data_file": p["data_file"],
                            "data_sha256": p["data_sha256"], "payload": p["payload"]}
-                          for p in store.proposals(run_id, index)]}
+                          for p in proposals]}
 
 
 def baseline_cycle(store: Store, run_id: int, evals: dict[str, dict]) -> dict[str, Any]:
@@ -294,6 +296,10 @@ def render(view: dict[str, Any]) -> str:
                  if view["dev"] or not judged else "measured on the analysis subset against the "
                  "champion there (no test, no α spent; its p is descriptive):")
         lines += ["", title, format_table(["benchmark", "accuracy", "p-value", "test"], rows)]
+    if view.get("trials"):
+        lines += ["", trials_view.summary_line(trials_view.summary(view["trials"]),
+                                               format_duration) + ":",
+                  format_table(trials_view.HEADERS, trials_view.rows(view["trials"]))]
     rows = profile_rows(view["error_profile"])
     if rows:
         lines += ["", "error profile (what the policy saw when it chose):",
