@@ -23,8 +23,8 @@ import time
 from core.splits import unit_of
 from core.train import TrainConfig
 from strategies.base import Context
-from strategies.common import plan_training
 from strategies.sft_data import Mix, SFTDataBuilder
+from strategies.sizing import trial_plan
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,8 @@ def run_trial(ctx: Context, study, trial, builder: SFTDataBuilder, seconds: floa
                                    "started": time.time()})
     try:
         params, mix = suggest(trial, ctx.train_lr, ctx.champion.adapter_path)
-        plan = plan_training(ctx, seconds - tune_cost(ctx), params.pop("steps_frac"))
+        plan = trial_plan(ctx, seconds - tune_cost(ctx), params.pop("steps_frac"),
+                          continuation="init_from" in params)
         if plan is None:
             trial.set_user_attr("failed", f"no training fits in {seconds:.0f} s")
             study.tell(trial, state=TrialState.FAIL)

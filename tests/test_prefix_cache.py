@@ -152,5 +152,5 @@ def test_the_t4_plan_buys_more_images_per_decision_with_the_prefix_cache():
     assert shared["eval_s_per_sample"] < plain["eval_s_per_sample"] / 2
     before = make_plan(6 * 3600, "saiga", "t4", prefix_cache=False)
     after = make_plan(6 * 3600, "saiga", "t4")
-    assert after["benchmarks"]["gqa_ru"]["dev_images"] >= 4 * before["benchmarks"]["gqa_ru"]["dev_images"]
+    assert after["benchmarks"]["gqa_ru"]["dev_units"] >= 4 * before["benchmarks"]["gqa_ru"]["dev_units"]
     assert len(after["schedule"]) >= len(before["schedule"])
