@@ -73,7 +73,7 @@ def test_from_the_base_the_records_follow_the_addressed_errors():
 
 
 def test_continuing_the_champion_trains_the_delta_not_a_fresh_set():
-    history = [accepted_training(1, 1000, {"gqa_ru": 0.10, "mmbench_ru": 0.05})]
+    history = [accepted_training(1, 300, {"gqa_ru": 0.10, "mmbench_ru": 0.05})]
     champion = base_candidate()
     champion.adapter_path = "/adapters/c1"
     ctx = ctx_with(history=history, champion=champion)
@@ -82,11 +82,12 @@ def test_continuing_the_champion_trains_the_delta_not_a_fresh_set():
                           time_cap_s=AnswerFormatSFT().budget(ctx))
     assert continued.continuation and continued.relearn_points == 0
     assert fresh.relearn_points == pytest.approx(15.0)  # what the champion gained, learnt again
-    assert continued.records < fresh.records
-    # the ratio comes from the accepted training: 1000 records fixed 15 points
-    ratio = (RECORDS_PER_POINT * PRIOR_POINTS + 1000) / (PRIOR_POINTS + 15.0)
+    assert FLOOR_RECORDS < continued.records < fresh.records < CEILING_RECORDS
+    # the ratio comes from the accepted training: 300 records fixed 15 points
+    ratio = (RECORDS_PER_POINT * PRIOR_POINTS + 300) / (PRIOR_POINTS + 15.0)
     assert continued.records_per_point == pytest.approx(ratio, abs=0.01)
-    assert "cycles 1: 1000 records fixed 15.0 points" in continued.ratio_source
+    assert continued.records == math.ceil(continued.targeted_points * continued.records_per_point)
+    assert "cycles 1: 300 records fixed 15.0 points" in continued.ratio_source
 
 
 def test_rejected_candidates_do_not_move_the_ratio():
