@@ -213,3 +213,15 @@ def test_loop_plan_lists_each_cycle_with_its_kind_records_and_cost(capsys):
         assert column in header
     rows = [line.split() for line in table.splitlines()[3:] if line.strip()]
     assert sum(r[2] == "yes" for r in rows) >= 6
+
+
+def test_loop_show_prints_the_sizing_of_a_trained_candidate():
+    from loop.commands.show import render
+
+    sizing = AnswerFormatSFT().sizing(ctx_with()).to_dict()
+    view = {"run_id": 1, "index": 2, "strategy": "answer_format_sft", "status": "rejected",
+            "decision": "rejected: the champion stays", "rationale": "r",
+            "candidate": {"details": {"sizing": sizing}}, "adapter_id": None, "duration_s": 3.0,
+            "subsets": {}, "run_dir": "/tmp/x", "proposals": [], "paired": {}, "dev": {},
+            "dev_ci": {}, "error_profile": {}, "examples": {}}
+    assert describe(sizing) in render(view).splitlines()
