@@ -269,6 +269,9 @@ CHAT_HEADER_TOKENS = 20
 """Tokens of the chat template before the image (system/user headers), shared like the image."""
 GQA_QUESTIONS_PER_IMAGE = 12216 / 398
 """GQA-ru testdev: 12,216 questions about 398 images (whole images go to dev and final)."""
+GQA_TRAIN_QUESTIONS_PER_IMAGE = 40_000 / 27_519
+"""GQA-ru train_balanced: about 40k questions on 27,519 images; training packed by image
+(``TrainConfig.pack_by_image``) computes an image's 576 tokens once for its questions."""
 
 T4 = {"fp16_tflops": 65.0, "bandwidth_gb_s": 320.0, "memory_gb": 15.0}
 """NVIDIA's published T4 figures (fp16 tensor-core peak, memory bandwidth) and usable memory."""
@@ -284,11 +287,16 @@ and of rank-16 LoRA on q, k, v, o, gate, up, down of all 32 layers."""
 def t4_estimate(*, text_tokens: int = 64, answer_tokens: int = 16, train_text_tokens: int = 80,
                 eval_batch: int = 8, micro_batch: int = 2, mfu: float = 0.25,
                 decode_bandwidth_efficiency: float = 0.35,
-                questions_per_image: float = 1.0) -> tuple[dict[str, float], list[str]]:
+                questions_per_image: float = 1.0, packing: bool = True,
+                train_questions_per_image: float = GQA_TRAIN_QUESTIONS_PER_IMAGE,
+                ) -> tuple[dict[str, float], list[str]]:
     """Seconds and memory per sample for LLaVA-Saiga-8B on a T4 with the t4 profile.
 
     ``questions_per_image`` > 1 prices shared-prefix evaluation (``core.prefix``): the image's
     tokens, the chat header and CLIP are computed once per image, not once per question.
+    ``packing`` prices training packed by image: the image's tokens and CLIP once for its
+    ``train_questions_per_image`` questions (GQA-ru train's ~1.45), each question's ~80 text
+    tokens its own; ``train_s_per_sample`` is then per trained question.
     Returns the figures and the derivation, one line per step, for the bench to print.
     """
     s, t = SAIGA, T4
@@ -314,11 +322,16 @@ def t4_estimate(*, text_tokens: int = 64, answer_tokens: int = 16, train_text_to
                  f"{t['bandwidth_gb_s']:.0f} GB/s -> {per_token * 1e3:.0f} ms/token per batch; "
                  f"{answer_tokens} tokens / batch {eval_batch} -> {decode:.2f} s/sample")
     eval_s = prefill / peak + decode
+    share = train_questions_per_image if packing else 1.0
     seq_train = s["image_tokens"] + train_text_tokens
-    train_flops = 6 * s["llm_params"] * seq_train + clip_flops
+    tokens_per_question = s["image_tokens"] / share + train_text_tokens
+    train_flops = 6 * s["llm_params"] * tokens_per_question + clip_flops / share
     lines.append(f"train: LoRA with a frozen base and checkpointing costs 6 x params per token "
                  f"(2 forward, 2 recompute, 2 input-gradient; no weight gradients): 6 x "
-                 f"{s['llm_params']:.2e} x {seq_train} + CLIP = {train_flops / 1e12:.1f} TFLOP "
+                 f"{s['llm_params']:.2e} x {tokens_per_question:.0f} tokens per question"
+                 + (f" (packed by image: {s['image_tokens']} image tokens and CLIP shared by "
+                    f"{share:.2f} questions)" if packing else " (unpacked)")
+                 + f" + CLIP = {train_flops / 1e12:.1f} TFLOP "
                  f"-> {train_flops / peak:.2f} s/sample at {mfu:.0%} MFU "
                  f"({train_flops / (t['fp16_tflops'] * 1e12 * 0.35):.2f}-"
                  f"{train_flops / (t['fp16_tflops'] * 1e12 * 0.20):.2f} s at 35-20%)")
@@ -342,7 +355,7 @@ def t4_estimate(*, text_tokens: int = 64, answer_tokens: int = 16, train_text_to
     figures = {"eval_s_per_sample": round(eval_s, 2),
                "train_s_per_sample": round(train_flops / peak, 2),
                "train_memory_gb": round(train_mem, 1), "eval_memory_gb": round(eval_mem, 1),
-               "load_s": 240.0, "train_tokens_per_sample": seq_train,
+               "load_s": 240.0, "train_tokens_per_sample": round(tokens_per_question, 1),
                "eval_tokens_per_sample": seq_eval,
                "prefill_tokens_per_sample": round(prefill_tokens, 1), "mfu": mfu}
     lines.append("load: reading 16 GB of fp16 safetensors and quantizing on the fly, about "
@@ -350,7 +363,7 @@ def t4_estimate(*, text_tokens: int = 64, answer_tokens: int = 16, train_text_to
     return figures, lines
 
 
-def t4_priors(questions_per_image: float = 1.0) -> dict[str, float]:
+def t4_priors(questions_per_image: float = 1.0, packing: bool = True) -> dict[str, float]:
     """Cost-model priors for LLaVA-Saiga-8B on a T4 with the t4 profile (see t4_estimate).
 
     Derived, not yet measured: ``bench/full_scale.py`` measures them on a lent GPU (the full
@@ -359,4 +372,4 @@ def t4_priors(questions_per_image: float = 1.0) -> dict[str, float]:
     Keys: eval_s_per_sample, train_s_per_sample, train_memory_gb, eval_memory_gb, load_s,
     train_tokens_per_sample, eval_tokens_per_sample, mfu.
     """
-    return t4_estimate(questions_per_image=questions_per_image)[0]
+    return t4_estimate(questions_per_image=questions_per_image, packing=packing)[0]

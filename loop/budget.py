@@ -40,15 +40,18 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
-def priors(preset: str, profile: str, prefix_cache: bool = True) -> CostRates:
+def priors(preset: str, profile: str, prefix_cache: bool = True,
+           packing: bool = True) -> CostRates:
     """Seconds per unit of work before anything is measured.
 
     demo/cpu: measured on 2 CPU cores with the tiny model (bench/eval_speed.py,
     bench/train_speed.py). saiga/t4: the estimate of ``core.device.t4_priors`` from parameter
     counts and the T4's fp16 rate; a100/h100 scale it by their throughput relative to a T4.
     With ``prefix_cache``, GQA-ru questions share their image's prefix (about 31 per image);
-    MMBench-ru is priced without sharing (its rotations share less), and measured rates take
-    over from the first evaluation either way.
+    MMBench-ru is priced without sharing (its rotations share less). With ``packing`` (the
+    default), training is priced per question packed by image (GQA-ru train's ~1.45 questions
+    per image share the image's tokens). Measured rates take over from the first evaluation
+    and training either way.
     """
     if preset == "demo":
         return CostRates(eval_s_per_sample={"gqa_ru": 0.02, "mmbench_ru": 0.03},
@@ -58,14 +61,15 @@ def priors(preset: str, profile: str, prefix_cache: bool = True) -> CostRates:
                          train_s_per_sample=0.1, load_s=3.0)
     from core.device import GQA_QUESTIONS_PER_IMAGE, t4_priors
 
-    t4 = t4_priors()
-    gqa = t4_priors(GQA_QUESTIONS_PER_IMAGE) if prefix_cache else t4
+    t4 = t4_priors(packing=packing)
+    gqa = t4_priors(GQA_QUESTIONS_PER_IMAGE, packing=packing) if prefix_cache else t4
     speedup = {"t4": 1.0, "cpu": 1 / 40, "a100": 6.0, "h100": 10.0, "auto": 1.0}[profile]
     ev, tr = t4["eval_s_per_sample"] / speedup, t4["train_s_per_sample"] / speedup
     # MMBench prompts carry a hint and up to four options: about 1.2x the GQA prompt.
     return CostRates(eval_s_per_sample={"gqa_ru": gqa["eval_s_per_sample"] / speedup,
                                         "mmbench_ru": 1.2 * ev},
-                     train_s_per_sample=tr, load_s=t4["load_s"] / min(speedup, 3.0))
+                     train_s_per_sample=tr, load_s=t4["load_s"] / min(speedup, 3.0),
+                     train_tokens_per_record=t4["train_tokens_per_sample"])
 
 
 @dataclass
@@ -132,23 +136,52 @@ class Budget:
         return time.time() + max(0.0, min(within_s, self.left_for_cycles()))
 
 
-def dev_subset_size(rate_s: float, cycles_s: float, available: int, *, floor: int = 100,
-                    share: float = 0.06) -> int:
+DEV_SHARE = 0.045
+"""Share of the time for cycles that one candidate's dev evaluation (both benchmarks) takes:
+room for about six trained candidates with their evaluations and trainings."""
+DEV_FLOOR = 100
+"""The fewest dev questions per benchmark: a paired test on fewer cannot see a 10-point change."""
+DEV_MIN_UNITS = 100
+"""The fewest units (GQA-ru images, MMBench-ru question groups) per dev evaluation: the paired
+test's units; more questions about one image add less than another image."""
+DEV_CAP = 0.77
+"""At most this share of the dev split decides, so that searching strategies have questions of
+their own (the analysis subset) and never select on the paired test's questions. On the real
+GQA-ru testdev (132 dev images) 0.77 lets 100 images judge and keeps 32 for analysis."""
+
+
+def dev_subset_size(rate_s: float, cycles_s: float, available: int, *, floor: int = DEV_FLOOR,
+                    share: float = DEV_SHARE, min_units: int = 0,
+                    questions_per_unit: float = 1.0) -> int:
     """Questions per benchmark for each dev evaluation.
 
     One candidate's evaluation (both benchmarks) should take about ``share`` of the time for
-    cycles, so that there is room for about ten cycles with training; never fewer than
-    ``floor`` questions (a paired test on fewer cannot see a 10-point change), never more
-    than the dev split holds.
+    cycles; never fewer than ``floor`` questions or ``min_units`` units (GQA-ru images) of
+    ``questions_per_unit``, never more than ``available``.
     """
     n = int(share * cycles_s / max(rate_s, 1e-9) / 2)
-    return max(min(floor, available), min(available, n))
+    least = max(floor, math.ceil(min_units * questions_per_unit))
+    return max(min(least, available), min(available, n))
 
 
 def final_subset_size(rate_s: float, reserve_s: float, available: int, fixed_s: float = 0.0) -> int:
     """Questions per benchmark of ``final`` that fit twice (baseline and champion) in the reserve."""
     n = int((reserve_s - fixed_s) / max(rate_s, 1e-9) / 4)
     return max(min(50, available), min(available, n))
+
+
+def subset_sizes(rate_s: float, cycles_s: float, reserve_s: float, n_dev: int, n_final: int, *,
+                 dev_size: int | None = None, final_size: int | None = None,
+                 min_units: int = DEV_MIN_UNITS, questions_per_unit: float = 1.0) -> dict[str, int]:
+    """The run's subset sizes for one benchmark, the one computation ``loop run`` and ``loop
+    plan`` share: the dev subset that judges (at most ``DEV_CAP`` of the dev split), the
+    analysis subset beside it (half the dev subset, from the rest of the dev split) and the
+    final subset (what fits twice in the reserve); ``dev_size``/``final_size`` override."""
+    dev = dev_size or dev_subset_size(rate_s, cycles_s, int(DEV_CAP * n_dev),
+                                      min_units=min_units, questions_per_unit=questions_per_unit)
+    final = final_size or final_subset_size(rate_s, reserve_s, n_final)
+    return {"dev_subset": dev, "tune_subset": max(1, min(dev // 2, n_dev - dev)),
+            "final_subset": final}
 
 
 def fmt_s(seconds: float) -> str:

@@ -21,7 +21,7 @@ from core.exceptions import UserError
 from loop import hpo_share, judging
 from loop.budget import Budget, CostModel, fmt_s, priors
 from loop.decision import OBJECTIVES, comparisons_made, judge, paired_scores
-from loop.policy import DISTILLER, Choice, choose, stop_reason
+from loop.policy import Choice, next_choice, stop_reason
 from loop.trackers import TRACKERS, RunReporter, Tracker, check, open_tracker
 from loop.workbench import Scored, Workbench
 from strategies.base import (
@@ -221,7 +221,7 @@ class Loop:
         cfg, sources = self.config, self.sources
         profile = resolve_profile(cfg.gpu)
         profile.log_reasons()
-        costs = CostModel(priors(cfg.preset, profile.name))
+        costs = CostModel(priors(cfg.preset, profile.name, cfg.prefix_cache))
         t0 = time.time()
         vlm = load_vlm(sources.model, options=profile.load_options())
         workdir = self.store.run_dir(self.run_id)
@@ -306,22 +306,15 @@ class Loop:
             return choice
         time_left = self.budget.left_for_cycles()
         ctx = self.context(champion, profiles, time_left)
-        costs = {}
-        for name in cfg.strategies:
-            try:
-                costs[name] = strategies.get(name).estimate_cost(ctx)
-            except (KeyboardInterrupt, sqlite3.DatabaseError):
-                raise
-            except Exception as exc:  # a broken remedy is left out, the run goes on
-                log.warning("%s cannot estimate its cost, leaving it out: %s", name, exc)
-                self.blocked.add(name)
-                self.save_strategy_sets()
-        distiller = DISTILLER in costs and DISTILLER not in self.exhausted | self.blocked
+
+        def left_out(name: str, exc: Exception) -> None:
+            log.warning("%s cannot estimate its cost, leaving it out: %s", name, exc)
+            self.blocked.add(name)
+            self.save_strategy_sets()
+
         ranking: list[dict] = []
-        choice = choose(profiles, self.history, costs, time_left, self.exhausted | self.blocked,
-                        objective=cfg.objective, ranking_out=ranking,
-                        follow_up_s=strategies.get(DISTILLER).least_seconds(ctx)
-                        if distiller else None)
+        choice, _ = next_choice(ctx, cfg.strategies, self.exhausted | self.blocked,
+                                objective=cfg.objective, ranking_out=ranking, on_error=left_out)
         if choice is None:
             self.end_cycles(index, stop_reason(ranking, time_left), time_left, ranking)
             return None
@@ -497,6 +490,7 @@ class Loop:
             cycle=index, seed=self.config.seed + index, champion=champion, profiles=profiles,
             history=list(self.history), time_left_s=time_left, rates=bench.costs.rates,
             dev_sizes={b: len(bench.dev[b]) for b in BENCHMARKS}, data=bench.sources.data,
+            analysis_sizes={b: len(bench.tune[b]) for b in BENCHMARKS},
             protected=bench.protected, workdir=bench.workdir / f"cycle-{index}",
             train=lambda records, config, *, name, deadline_s, hooks=None: bench.train(
                 records, config, name=name, deadline_s=deadline_s, strategy=strategy,

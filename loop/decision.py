@@ -24,6 +24,8 @@ from __future__ import annotations
 from core.metrics import clusters_of, comparison_alpha, group_outcomes, paired_test
 
 OBJECTIVES = ("benchmark", "deployment")
+DEFAULT_OBJECTIVE = "benchmark"
+"""What ``loop run`` optimises unless told otherwise: the exact lmms-eval protocol."""
 SETTING_ONLY_REASON = "a prompt/decoding setting cannot win under --objective benchmark"
 ANALYSIS_NOTE = ("measured on the analysis subset, not on dev: no test, it feeds context "
                  "distillation")

@@ -18,6 +18,8 @@ a rationale in words.
 
 from __future__ import annotations
 
+import dataclasses
+import sqlite3
 from dataclasses import dataclass, field
 
 import strategies
@@ -145,6 +147,41 @@ def choose(profiles: dict, history: list[dict], costs: dict[str, float], time_le
     best = open_rows[0]
     return Choice(strategy=best["strategy"], est_cost_s=best["est_cost_s"], score=best["score"],
                   rationale=_rationale(best, open_rows[1:], profiles) + note, ranking=ranking)
+
+
+def estimate_costs(ctx, names: list[str], objective: str, on_error=None) -> dict[str, float]:
+    """Each strategy's estimated seconds for this cycle, as the run will spend them: under
+    ``--objective benchmark`` a setting-only remedy is measured on the analysis subset, so it
+    is priced there. ``on_error(name, exc)`` is told of a remedy that cannot estimate (it is
+    left out); without it the error is raised."""
+    costs = {}
+    for name in names:
+        strategy = strategies.get(name)
+        here = ctx
+        if objective == "benchmark" and not strategy.trains and ctx.analysis_sizes:
+            here = dataclasses.replace(ctx, dev_sizes=dict(ctx.analysis_sizes))
+        try:
+            costs[name] = strategy.estimate_cost(here)
+        except (KeyboardInterrupt, sqlite3.DatabaseError):
+            raise
+        except Exception as exc:  # a broken remedy is left out, the run goes on
+            if on_error is None:
+                raise
+            on_error(name, exc)
+    return costs
+
+
+def next_choice(ctx, names: list[str], exhausted: set[str], *, objective: str,
+                ranking_out: list | None = None, on_error=None) -> tuple[Choice | None, dict]:
+    """The run's choice for the cycle ``ctx`` describes (``loop run`` and ``loop plan`` both
+    call this): the costs of ``names``, the context distillation that could follow a setting,
+    and ``choose`` under the run's objective. Returns (choice or None, costs)."""
+    costs = estimate_costs(ctx, names, objective, on_error)
+    distiller = DISTILLER in costs and DISTILLER not in exhausted
+    choice = choose(ctx.profiles, ctx.history, costs, ctx.time_left_s, exhausted,
+                    objective=objective, ranking_out=ranking_out,
+                    follow_up_s=strategies.get(DISTILLER).least_seconds(ctx) if distiller else None)
+    return choice, costs
 
 
 def stop_reason(ranking: list[dict], time_left_s: float) -> str:

@@ -19,8 +19,8 @@ from core.data import load_benchmark
 from core.error_profile import BenchmarkOptimizer
 from core.evaluate import EvalConfig, summarize
 from core.exceptions import UserError
-from core.splits import make_splits, stratified_subset
-from loop.budget import Budget, CostModel, dev_subset_size, final_subset_size
+from core.splits import make_splits, stratified_subset, unit_of
+from loop.budget import Budget, CostModel, subset_sizes
 from loop.modelbench import ModelBench
 from strategies.base import BENCHMARKS, Candidate
 
@@ -98,20 +98,19 @@ class Workbench(ModelBench):
     def _choose_subsets(self, b: str, splits: dict, dev_size: int | None,
                         final_size: int | None) -> None:
         rate = self.costs.rates.eval_s_per_sample[b]
-        # At most 70% of dev decides, so that searching strategies have questions of
-        # their own (``tune``) and never select on the paired test's questions.
-        n_dev = dev_size or dev_subset_size(rate, self.budget.left_for_cycles(),
-                                            int(0.7 * len(splits["dev"])))
-        n_final = final_size or final_subset_size(rate, self.budget.reserve_s,
-                                                  len(splits["final"]))
-        self.dev[b] = stratified_subset(splits["dev"], n_dev, seed=self.seed)
+        dev = splits["dev"]
+        sizes = subset_sizes(rate, self.budget.left_for_cycles(), self.budget.reserve_s,
+                             len(dev), len(splits["final"]), dev_size=dev_size,
+                             final_size=final_size,
+                             questions_per_unit=len(dev) / len({unit_of(e) for e in dev}))
+        self.dev[b] = stratified_subset(dev, sizes["dev_subset"], seed=self.seed)
         chosen = {e["id"] for e in self.dev[b]}
-        rest = [e for e in splits["dev"] if e["id"] not in chosen]
-        self.tune[b] = stratified_subset(rest, max(1, len(self.dev[b]) // 2), seed=self.seed)
+        rest = [e for e in dev if e["id"] not in chosen]
+        self.tune[b] = stratified_subset(rest, sizes["tune_subset"], seed=self.seed)
         if not self.tune[b]:
             raise UserError(f"the {b} dev split has {len(splits['dev'])} questions: too few to "
                             f"keep some apart for searching (--dev-size {len(self.dev[b])})")
-        self.final[b] = stratified_subset(splits["final"], n_final, seed=self.seed)
+        self.final[b] = stratified_subset(splits["final"], sizes["final_subset"], seed=self.seed)
 
     def _read_subsets(self, b: str, ids: dict[str, list[str]]) -> None:
         missing = [i for part in ids.values() for i in part if i not in self.by_id[b]]

@@ -5,7 +5,8 @@ to GQA-ru train questions weighted toward the weak question types, multiple choi
 GQA-ru train in the MMBench-ru prompt (more of it the larger MMBench-ru's share of format
 mismatches), answered the way the champion's right MMBench-ru answers name their option (the
 bare letter, or the option's text), and LLaVA-Instruct-ru to keep general ability. The
-run is sized to the time left after the candidate's dev evaluation; it trains through
+run is sized by ``strategies.sizing`` to the champion's errors that it addresses, capped by a
+share of the time left after the candidate's dev evaluation; it trains through
 ``ctx.train`` and proposes the new adapter with the champion's prompts and decoding. When the
 champion has an adapter, the new one continues training it (``TrainConfig.init_from``), so a
 later candidate builds on what the champion already learnt instead of starting from the base.
@@ -18,23 +19,16 @@ import logging
 from core.sft import write_sft_jsonl
 from core.train import TrainConfig
 from strategies.base import Candidate, Context, ProposalFailed, Strategy
-from strategies.common import (
-    MIN_STEPS,
-    Clock,
-    TrainPlan,
-    attempts,
-    plan_training,
-    share,
-    smallest_training_s,
-    train_adapter,
-)
+from strategies.common import Clock, attempts, share, train_adapter
 from strategies.sft_data import Mix, SFTDataBuilder
+from strategies.sizing import Sizing, size_training
 
 log = logging.getLogger(__name__)
 
 TIME_SHARE = 0.5
-"""Share of the time left after the dev evaluation that data and training may use: the rest
-stays for later cycles (``ctx.time_left_s`` is what all remaining cycles may spend)."""
+"""Share of the time left after the dev evaluation that data and training may use at most (the
+sizing rule's time cap): the rest stays for later cycles (``ctx.time_left_s`` is what all
+remaining cycles may spend)."""
 INSTRUCT_SHARE = 0.15
 RANK, DROPOUT = 16, 0.05
 
@@ -83,33 +77,33 @@ class AnswerFormatSFT(Strategy):
     summary = "LoRA SFT on short GQA-ru answers and GQA-built multiple choice (+ LLaVA-Instruct)"
 
     def budget(self, ctx: Context) -> float:
-        """Seconds for building the data and training."""
+        """Seconds for building the data and training at most (the sizing's time cap)."""
         return TIME_SHARE * (ctx.time_left_s - self.eval_cost(ctx)) - ctx.rates.load_s
 
-    def plan(self, ctx: Context) -> TrainPlan | None:
-        if self.budget(ctx) < smallest_training_s(ctx):
-            return None
-        return plan_training(ctx, self.budget(ctx))
+    def sizing(self, ctx: Context) -> Sizing:
+        """Records and steps for the champion's addressed errors; a continuation of the
+        champion's adapter trains the delta."""
+        return size_training(ctx, self.addresses, continuation=ctx.champion.adapter_path is not None,
+                             time_cap_s=self.budget(ctx))
 
     def propose(self, ctx: Context) -> Candidate:
         clock = Clock(ctx)
-        plan = self.plan(ctx)
-        if plan is None:
-            raise ProposalFailed(
-                f"answer_format_sft needs time for {MIN_STEPS} training steps plus the dev "
-                f"evaluation ({self.eval_cost(ctx):.0f} s), but only {ctx.time_left_s:.0f} s "
-                "are left")
+        sizing = self.sizing(ctx)
+        if sizing.declined:
+            raise ProposalFailed(f"answer_format_sft declines: {sizing.declined} (the dev "
+                                 f"evaluation needs {self.eval_cost(ctx):.0f} s of the "
+                                 f"{ctx.time_left_s:.0f} s left)")
         k = attempts(ctx, self.name)
         seed = ctx.seed * 1000 + k
         mix = profile_mix(ctx)
-        records, data_info = SFTDataBuilder(ctx).build(plan.n_records, mix, seed)
+        records, data_info = SFTDataBuilder(ctx).build(sizing.records, mix, seed)
         if (hurt := choice_hurt_mmbench(ctx)) is not None:
             data_info["no_choice_because"] = (f"cycle {hurt}'s multiple-choice records made "
                                               "MMBench-ru significantly worse")
             log.info("answer_format_sft: no multiple choice: %s", data_info["no_choice_because"])
         data_file = write_sft_jsonl(records, ctx.workdir / "answer_format_sft.jsonl")
         init_from = ctx.champion.adapter_path
-        config = TrainConfig(steps=plan.steps, batch_size=plan.batch_size, lr=ctx.train_lr, rank=RANK,
+        config = TrainConfig(steps=sizing.steps, batch_size=sizing.batch_size, lr=ctx.train_lr, rank=RANK,
                              alpha=2 * RANK, dropout=DROPOUT, seed=seed, init_from=init_from)
         # the budget bounds training even when the measured rates were too optimistic
         deadline_s = min(clock.left(reserve=self.eval_cost(ctx)),
@@ -118,7 +112,7 @@ class AnswerFormatSFT(Strategy):
             raise ProposalFailed(f"building the data took {clock.elapsed():.0f} s; no time "
                                  "is left to train")
         log.info("answer_format_sft: %d records (%s), %d steps x %d, deadline %.0f s",
-                 len(records), data_info["counts"], plan.steps, plan.batch_size, deadline_s)
+                 len(records), data_info["counts"], sizing.steps, sizing.batch_size, deadline_s)
         adapter_path, result_dict, status = train_adapter(
             ctx, records, config, name=f"c{ctx.cycle}-answer-format", deadline_s=deadline_s,
             what="answer-format")
@@ -126,21 +120,24 @@ class AnswerFormatSFT(Strategy):
             self.name,
             f"LoRA r{RANK} on {len(records)} answer-format records "
             f"({', '.join(f'{n} {kind}' for kind, n in data_info['counts'].items())}), "
-            f"{plan.steps} steps, {'from the champion' if init_from else 'from the base'}",
+            f"{sizing.steps} steps, {'from the champion' if init_from else 'from the base'}",
             adapter_path=str(adapter_path), adapter_id=None,
             train={"config": config.to_dict(), "result": result_dict},
             details={"data": data_info, "data_file": str(data_file), "attempt": k,
-                     "planned_steps": plan.steps, "deadline_s": round(deadline_s, 1),
+                     "planned_steps": sizing.steps, "deadline_s": round(deadline_s, 1),
+                     "sizing": sizing.to_dict(),
                      "train_status": status, "parent_adapter": ctx.champion.adapter_path,
                      "init_from": "champion" if init_from else "base",
                      "weak_types": _weak_types(ctx)})
 
     def estimate_cost(self, ctx: Context) -> float:
-        """Data, training and the candidate's dev evaluation, as planned for the time left."""
-        plan = self.plan(ctx)
-        if plan is None:  # the time left that the smallest useful run would need
-            return self.eval_cost(ctx) + (ctx.rates.load_s + smallest_training_s(ctx)) / TIME_SHARE
-        return self.eval_cost(ctx) + ctx.rates.load_s + plan.seconds
+        """Data, training and the candidate's dev evaluation, as sized; when the floor does not
+        fit in the time cap, the time left that it would need."""
+        sizing = self.sizing(ctx)
+        if sizing.declined:
+            floor_s = sizing.floor * sizing.s_per_record
+            return self.eval_cost(ctx) + (ctx.rates.load_s + floor_s) / TIME_SHARE
+        return self.eval_cost(ctx) + ctx.rates.load_s + sizing.seconds
 
 
 def _weak_types(ctx: Context) -> dict[str, list[str]]:

@@ -78,6 +78,8 @@ class CostRates:
     train_s_per_sample: float
     """seconds per training example seen (one micro-batch row, forward + backward)."""
     load_s: float = 0.0
+    train_tokens_per_record: float = 0.0
+    """Tokens one trained record costs (a prior, for the plan); 0 when not estimated."""
 
 
 @dataclass
@@ -120,6 +122,9 @@ class Context:
     tune_examples: dict[str, list[dict]] = field(default_factory=dict)
     """benchmark -> the analysis subset: dev-split questions outside the dev subset that judges,
     for the champion's error profile and for strategies that search."""
+    analysis_sizes: dict[str, int] = field(default_factory=dict)
+    """benchmark -> questions of the analysis subset, where a setting-only candidate is measured
+    under ``--objective benchmark``."""
     optuna_storage: str | None = None
     """Optuna storage URL: experiments.db's ``sqlite:///...`` (Optuna owns its own tables
     there), or the shared storage given with ``loop run --storage``."""

@@ -130,44 +130,15 @@ class Clock:
         return self.ctx.time_left_s - self.elapsed() - reserve
 
 
-# ---------------------------------------------------------------- training budget
+# ---------------------------------------------------------------- training (sizes: strategies.sizing)
 
 BATCH_SIZE = 16
 MIN_STEPS = 5
-MAX_STEPS = 500
-MAX_RECORDS = 8000
 DATA_S_PER_RECORD = 0.01
-"""Seconds to build one record (decode and write its image), added to each sample's cost."""
+"""Seconds to build one record (decode and write its image), added to each record's cost."""
 MIN_TRAIN_S = 5.0
 """Seconds below which no training is started: encoding the records, creating the adapter and
 its first steps take about this long on a CPU, whatever the per-sample rate says."""
-
-
-@dataclass(frozen=True)
-class TrainPlan:
-    """How much training fits in a time budget."""
-
-    steps: int
-    batch_size: int
-    n_records: int
-    """Records to build: one epoch of the planned samples, at most MAX_RECORDS."""
-    seconds: float
-    """Expected seconds of data building plus training."""
-
-
-def plan_training(ctx: Context, seconds: float, steps_fraction: float = 1.0) -> TrainPlan | None:
-    """Steps and batch size that fit ``seconds`` at ``ctx.rates``; None when not even
-    ``MIN_STEPS`` steps of one sample fit. ``steps_fraction`` scales the steps down (HPO)."""
-    per_sample = ctx.rates.train_s_per_sample + DATA_S_PER_RECORD
-    samples = int(max(0.0, seconds) / per_sample)
-    batch = BATCH_SIZE if samples >= BATCH_SIZE * MIN_STEPS else samples // MIN_STEPS
-    if batch < 1:
-        return None
-    steps = max(MIN_STEPS, min(MAX_STEPS, int(steps_fraction * samples // batch)))
-    n_records = min(MAX_RECORDS, steps * batch)
-    return TrainPlan(steps=steps, batch_size=batch, n_records=n_records,
-                     seconds=steps * batch * ctx.rates.train_s_per_sample
-                     + n_records * DATA_S_PER_RECORD)
 
 
 def smallest_training_s(ctx: Context) -> float:

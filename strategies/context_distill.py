@@ -18,6 +18,9 @@ adapter learns to give those answers to the standard lmms-eval prompt.
   parses.
 - The adapter continues the champion's (``TrainConfig.init_from``): the setting was measured
   on the champion, so what it adds is learnt on top of what the champion already knows.
+- The size (``strategies.sizing``): the points the setting gained (its paired differences on the
+  benchmarks it won), times the run's records per point, within the floor and ceiling and the
+  time cap.
 - The candidate: the new adapter with the default (lmms-eval) settings on both benchmarks.
 """
 
@@ -31,23 +34,17 @@ from core.evaluate import EvalConfig
 from core.sft import write_sft_jsonl
 from core.train import TrainConfig
 from strategies.base import BENCHMARKS, Candidate, Context, ProposalFailed, Strategy
-from strategies.common import (
-    DATA_S_PER_RECORD,
-    MIN_STEPS,
-    Clock,
-    attempts,
-    plan_training,
-    smallest_training_s,
-    train_adapter,
-)
+from strategies.common import DATA_S_PER_RECORD, MIN_STEPS, Clock, attempts, train_adapter
 from strategies.generation_params import GenerationParams
 from strategies.prompt_constraints import PromptConstraints
 from strategies.sft_data import SFTDataBuilder
+from strategies.sizing import Sizing, size_training
 
 log = logging.getLogger(__name__)
 
 TIME_SHARE = 0.5
-"""Share of the time left after the candidate's dev evaluation for generation and training."""
+"""Share of the time left after the candidate's dev evaluation that generation and training may
+use at most (the sizing rule's time cap)."""
 RANK, DROPOUT = 16, 0.05
 
 
@@ -93,9 +90,19 @@ class ContextDistill(Strategy):
     def budget(self, ctx: Context) -> float:
         return TIME_SHARE * (ctx.time_left_s - self.eval_cost(ctx)) - ctx.rates.load_s
 
-    def n_records(self, ctx: Context, benchmarks: list[str]) -> int:
-        """Records whose generation and one training pass fit the budget."""
-        return int(max(0.0, self.budget(ctx)) / self.per_record(ctx, benchmarks))
+    def sizing(self, ctx: Context, found: tuple[dict, list[str]] | None = None) -> Sizing:
+        """Records to distil: what the winning setting gained (``found``: its history entry
+        and benchmarks; without one, the errors a setting could address)."""
+        benchmarks = found[1] if found else list(BENCHMARKS)
+        targeted = None
+        if found:
+            paired = found[0].get("paired") or {}
+            targeted = {b: {"errors": round(paired[b]["diff"] * paired[b].get("n", 0), 1),
+                            "n": paired[b].get("n", 0),
+                            "points": round(100 * paired[b]["diff"], 2)} for b in benchmarks}
+        return size_training(ctx, self.addresses, targeted=targeted, time_cap_s=self.budget(ctx),
+                             continuation=ctx.champion.adapter_path is not None,
+                             s_per_record=self.per_record(ctx, benchmarks))
 
     def propose(self, ctx: Context) -> Candidate:
         clock = Clock(ctx)
@@ -104,10 +111,10 @@ class ContextDistill(Strategy):
             raise ProposalFailed("no prompt or decoding setting has won on dev with this "
                                  "champion: nothing to distill")
         entry, benchmarks = found
-        if self.budget(ctx) < self.least_budget(ctx):
-            raise ProposalFailed(f"context_distill needs time to generate and train on "
-                                 f"{MIN_STEPS} records, but only {ctx.time_left_s:.0f} s are left")
-        n = max(MIN_STEPS, self.n_records(ctx, benchmarks))
+        sizing = self.sizing(ctx, found)
+        if sizing.declined:
+            raise ProposalFailed(f"context_distill declines: {sizing.declined}")
+        n = sizing.records
         k = attempts(ctx, self.name)
         seed = ctx.seed * 1000 + k
         rng = random.Random(seed)
@@ -128,29 +135,25 @@ class ContextDistill(Strategy):
             records += kept
         if not records:
             raise ProposalFailed(f"no distillation records could be built: {dict(stats)}")
-        train_s = self.budget(ctx) - clock.elapsed()
-        smallest = smallest_training_s(ctx)
-        if train_s < smallest:  # the answers took longer than planned: train the least, if
-            train_s = smallest  # it fits before the candidate's dev evaluation
-        plan = plan_training(ctx, train_s)
-        deadline_s = min(clock.left(reserve=self.eval_cost(ctx)), train_s)
-        if plan is None or deadline_s <= 0:
+        steps = max(MIN_STEPS, -(-len(records) // sizing.batch_size))
+        deadline_s = min(clock.left(reserve=self.eval_cost(ctx)), self.budget(ctx) - clock.elapsed())
+        if deadline_s <= 0:
             raise ProposalFailed(f"generating the answers took {clock.elapsed():.0f} s; no time "
                                  "is left to train")
         rng.shuffle(records)
         data_file = write_sft_jsonl(records, ctx.workdir / "context_distill.jsonl")
         init_from = ctx.champion.adapter_path  # the setting was measured on the champion
-        config = TrainConfig(steps=plan.steps, batch_size=plan.batch_size, lr=ctx.train_lr,
+        config = TrainConfig(steps=steps, batch_size=sizing.batch_size, lr=ctx.train_lr,
                              rank=RANK, alpha=2 * RANK, dropout=DROPOUT, seed=seed,
                              init_from=init_from)
         log.info("context_distill: %d records distilled from cycle %s (%s), %d steps",
-                 len(records), entry.get("index"), ", ".join(benchmarks), plan.steps)
+                 len(records), entry.get("index"), ", ".join(benchmarks), steps)
         adapter_path, result_dict, status = train_adapter(
             ctx, records, config, name=f"c{ctx.cycle}-context-distill", deadline_s=deadline_s,
             what="distilled")
         return ctx.champion.derive(
             self.name, f"LoRA r{RANK} distilling cycle {entry.get('index')}'s "
-            f"{', '.join(benchmarks)} setting into {len(records)} records, {plan.steps} steps, "
+            f"{', '.join(benchmarks)} setting into {len(records)} records, {steps} steps, "
             f"{'from the champion' if init_from else 'from the base'}",
             eval_configs={b: EvalConfig() for b in BENCHMARKS},
             adapter_path=str(adapter_path), adapter_id=None,
@@ -160,6 +163,7 @@ class ContextDistill(Strategy):
                      "paired": entry.get("paired"), "data": agreement,
                      "data_file": str(data_file),
                      "stats": dict(sorted(stats.items())), "attempt": k,
+                     "sizing": sizing.to_dict(),
                      "train_status": status, "parent_adapter": ctx.champion.adapter_path,
                      "init_from": "champion" if init_from else "base"})
 
@@ -168,23 +172,19 @@ class ContextDistill(Strategy):
         gen = max(ctx.rates.eval_s_per_sample[b] for b in benchmarks)
         return gen + ctx.rates.train_s_per_sample + DATA_S_PER_RECORD
 
-    def least_budget(self, ctx: Context) -> float:
-        """Seconds of the smallest distillation: answers to ``MIN_STEPS`` records and the
-        smallest training worth starting."""
-        gen = max(ctx.rates.eval_s_per_sample[b] for b in BENCHMARKS)
-        return MIN_STEPS * gen + smallest_training_s(ctx)
-
     def least_seconds(self, ctx: Context) -> float:
-        """The least time left with which a distillation can be proposed: its budget (a share
-        of what the dev evaluation leaves) must hold the smallest one."""
-        return self.eval_cost(ctx) + (ctx.rates.load_s + self.least_budget(ctx)) / TIME_SHARE
+        """The least time left with which a distillation can be proposed: its time cap (a share
+        of what the dev evaluation leaves) must hold the floor's records."""
+        floor = self.sizing(ctx)
+        return self.eval_cost(ctx) + (ctx.rates.load_s + floor.floor * floor.s_per_record) / TIME_SHARE
 
     def estimate_cost(self, ctx: Context) -> float:
-        """The dev evaluation and the planned generation and training; with too little time
-        left, what the smallest distillation would need."""
-        if self.budget(ctx) < self.least_budget(ctx):
+        """The dev evaluation and the sized generation and training (for the winning setting,
+        once there is one); when the floor does not fit, the time left it would need."""
+        sizing = self.sizing(ctx, winning_setting(ctx))
+        if sizing.declined:
             return self.least_seconds(ctx)
-        return self.eval_cost(ctx) + ctx.rates.load_s + self.budget(ctx)
+        return self.eval_cost(ctx) + ctx.rates.load_s + sizing.seconds
 
 
 def _example(record: dict, benchmark: str, j: int) -> dict:

@@ -24,10 +24,10 @@ import time
 from core.splits import unit_of
 from core.train import TrainConfig
 from strategies.base import Context
-from strategies.common import plan_training
 from strategies.hpo_reports import END_STEP, PRUNER_SETTINGS, REPORT_AT, Reports, slice_cost
 from strategies.hpo_study import REFUND_ATTR
 from strategies.sft_data import Mix, SFTDataBuilder
+from strategies.sizing import trial_plan
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,8 @@ def run_trial(ctx: Context, study, trial, builder: SFTDataBuilder, seconds: floa
                                    "started": time.time()})
     try:
         params, mix = suggest(trial, ctx.train_lr, ctx.champion.adapter_path)
-        plan = plan_training(ctx, seconds - tune_cost(ctx), params.pop("steps_frac"))
+        plan = trial_plan(ctx, seconds - tune_cost(ctx), params.pop("steps_frac"),
+                          continuation="init_from" in params)
         if plan is None:
             trial.set_user_attr("failed", f"no training fits in {seconds:.0f} s")
             study.tell(trial, state=TrialState.FAIL)
@@ -131,6 +132,7 @@ def run_trial(ctx: Context, study, trial, builder: SFTDataBuilder, seconds: floa
                                       "samples": getattr(result, "samples", None),
                                       "seconds": getattr(result, "seconds", None)})
         trial.set_user_attr("data", info)
+        trial.set_user_attr("sizing", plan.sizing.to_dict())
         if reports.pruned is not None:  # stopped mid-training: no adapter, no tune evaluation
             left = len(REPORT_AT) - len(reports.done)
             return _pruned(ctx, study, trial, reports, started, getattr(

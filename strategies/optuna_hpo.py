@@ -28,11 +28,12 @@ import logging
 import math
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from strategies import hpo_study
 from strategies.base import Candidate, Context, ProposalFailed, Strategy
-from strategies.common import Clock
+from strategies.common import DATA_S_PER_RECORD, Clock
 from strategies.hpo_trial import (
     DEFAULT_PARAMS,
     run_trial,
@@ -42,14 +43,11 @@ from strategies.hpo_trial import (
     tune_sets,
 )
 from strategies.sft_data import SFTDataBuilder
+from strategies.sizing import TRIAL_FLOOR, Sizing, trial_sizing
 
 log = logging.getLogger(__name__)
 
 MAX_TRIALS_PER_CYCLE = 4
-MIN_TRIAL_SAMPLES = 10 * 16
-"""Training samples of the smallest trial worth running (ten steps of 16)."""
-MAX_TRIAL_SAMPLES = 100 * 16
-"""Training samples of the largest trial (a hundred steps of 16)."""
 TIME_SHARE = 0.6
 """Share of the time left after the dev evaluation that one cycle's trials may use."""
 POLL_S = 1.0
@@ -92,6 +90,14 @@ def cycle_spec(ctx: Context, time_box_s: float, expires_at: float, n_trials: int
             "time_box_s": time_box_s, "expires_at": expires_at, "n_trials": n_trials}
 
 
+@dataclass(frozen=True)
+class Trials:
+    """How many trials a cycle offers, and each one's sizing."""
+
+    trials: int
+    sizing: Sizing
+
+
 class OptunaHPO(Strategy):
     """Time-boxed Optuna trials; proposes the best trial's adapter."""
 
@@ -111,7 +117,8 @@ class OptunaHPO(Strategy):
 
     def trial_floor(self, ctx: Context) -> float:
         """Seconds of the smallest trial worth running, its tune evaluation included."""
-        return self.tune_cost(ctx) + MIN_TRIAL_SAMPLES * ctx.rates.train_s_per_sample
+        return self.tune_cost(ctx) + TRIAL_FLOOR * (ctx.rates.train_s_per_sample
+                                                    + DATA_S_PER_RECORD)
 
     def reserve(self, ctx: Context) -> float:
         """Seconds kept for the candidate's dev evaluation."""
@@ -119,10 +126,16 @@ class OptunaHPO(Strategy):
 
     def search_seconds(self, ctx: Context) -> float:
         """Seconds this cycle's trials may use: a share of the time left, at most
-        MAX_TRIALS_PER_CYCLE trials of MAX_TRIAL_SAMPLES."""
-        largest = self.tune_cost(ctx) + MAX_TRIAL_SAMPLES * ctx.rates.train_s_per_sample
+        MAX_TRIALS_PER_CYCLE trials of the largest size ``strategies.sizing`` gives a trial."""
+        largest = self.tune_cost(ctx) + trial_sizing(ctx, math.inf).seconds
         return min(TIME_SHARE * (ctx.time_left_s - self.reserve(ctx)),
                    MAX_TRIALS_PER_CYCLE * largest)
+
+    def sizing(self, ctx: Context) -> Trials:
+        """This cycle's trials and the sizing of each (from the base), as ``propose`` runs them."""
+        available = self.search_seconds(ctx)
+        n = min(MAX_TRIALS_PER_CYCLE, math.floor(available / self.trial_floor(ctx)))
+        return Trials(n, trial_sizing(ctx, available / max(n, 1) - self.tune_cost(ctx)))
 
     def estimate_cost(self, ctx: Context) -> float:
         """The trials that fit and the candidate's dev evaluation; when not even the smallest
@@ -262,6 +275,7 @@ class OptunaHPO(Strategy):
             details={"study": study.study_name, "trial_number": best.number,
                      "tune_value": best.value, "params": best.params,
                      "data": best.user_attrs.get("data"), "trials_this_cycle": states,
+                     "sizing": best.user_attrs.get("sizing"),
                      "reports": best.user_attrs.get("reports"), "pruned": pruned,
                      "refunded_s": round(sum(t.user_attrs.get(hpo_study.REFUND_ATTR) or 0.0
                                              for t in this_cycle), 2),

@@ -43,7 +43,7 @@ def test_cost_model_moves_from_prior_to_measurement():
 
 
 def test_subset_sizes_follow_the_budget():
-    assert dev_subset_size(0.5, 20000, 4000) == 1200
+    assert dev_subset_size(0.5, 20000, 4000) == 900  # 4.5% of the cycles' time, half each
     assert dev_subset_size(0.5, 100, 4000) == 100  # never below the floor
     assert dev_subset_size(0.5, 10**7, 4000) == 4000  # never above the split
     assert final_subset_size(0.5, 4000, 8000) == 2000

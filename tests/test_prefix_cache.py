@@ -143,7 +143,7 @@ def test_prefix_is_recomputed_per_adapter(tiny_vlm_factory):
     assert _outputs(vlm, examples, batch_size=8, prefix_cache=True)[0] == base_cached
 
 
-def test_the_t4_plan_buys_more_images_per_decision_with_the_prefix_cache():
+def test_the_t4_plan_buys_more_trained_candidates_with_the_prefix_cache():
     from core.device import GQA_QUESTIONS_PER_IMAGE, t4_estimate
     from loop.planning import make_plan
 
@@ -152,5 +152,11 @@ def test_the_t4_plan_buys_more_images_per_decision_with_the_prefix_cache():
     assert shared["eval_s_per_sample"] < plain["eval_s_per_sample"] / 2
     before = make_plan(6 * 3600, "saiga", "t4", prefix_cache=False)
     after = make_plan(6 * 3600, "saiga", "t4")
-    assert after["benchmarks"]["gqa_ru"]["dev_images"] >= 4 * before["benchmarks"]["gqa_ru"]["dev_images"]
+    # at least 100 images judge either way (the dev floor); the cache makes them ~5x cheaper,
+    # which buys the plan more trained candidates
+    gqa_before, gqa_after = before["benchmarks"]["gqa_ru"], after["benchmarks"]["gqa_ru"]
+    assert gqa_after["dev_units"] >= gqa_before["dev_units"] >= 100
+    assert (4 * gqa_after["dev_subset"] * gqa_after["s_per_question"]
+            <= gqa_before["dev_subset"] * gqa_before["s_per_question"])
+    assert after["trained_candidates"] > before["trained_candidates"]
     assert len(after["schedule"]) >= len(before["schedule"])

@@ -268,6 +268,11 @@ def render(view: dict[str, Any]) -> str:
     if view["adapter_id"] is not None:
         lines.append(f"adapter: {view['adapter_id']}")
     lines.append(f"duration: {format_duration(view['duration_s'])}")
+    sizing = ((view["candidate"] or {}).get("details") or {}).get("sizing")
+    if sizing:
+        from strategies.sizing import describe
+
+        lines.append(describe(sizing))
     lines += subset_lines(view.get("subsets") or {})
     lines.append(f"files: {view['run_dir']}")
     for p in view.get("proposals", []):
