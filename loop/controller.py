@@ -221,7 +221,7 @@ class Loop:
         cfg, sources = self.config, self.sources
         profile = resolve_profile(cfg.gpu)
         profile.log_reasons()
-        costs = CostModel(priors(cfg.preset, profile.name, cfg.prefix_cache))
+        costs = CostModel(priors(cfg.preset, profile.name, cfg.prefix_cache, cfg.packing))
         t0 = time.time()
         vlm = load_vlm(sources.model, options=profile.load_options())
         workdir = self.store.run_dir(self.run_id)

@@ -38,16 +38,18 @@ from strategies.common import BATCH_SIZE, DATA_S_PER_RECORD, MIN_STEPS
 RECORDS_PER_POINT = 30.0
 """Prior records per point of accuracy (summed over the benchmarks) that a training fixes, until
 this run's accepted trainings measure their own. The demo's learning curve
-(``bench/learning_curve.py``, seed 0) gained 18.1, 34.5 and 67.9 points from the base with 500,
-1,000 and 2,000 answer_format_sft records (28-29 records per point) and 25.4 and 51.6 points
-continuing a 1,000-record champion with 1,000 and 2,000 (39 per point)."""
+(``bench/learning_curve.py``, seed 0, docs/training.md) gained 8.7, 22.0 and 49.9 points from
+the base with 500, 1,000 and 2,000 answer_format_sft records (57, 45 and 40 records per point)
+and 16.6, 35.0 and 77.6 points continuing a 500-record champion with 500, 1,000 and 2,000 (30,
+29 and 26 per point); most trainings of a run continue the champion, so the prior is theirs."""
 PRIOR_POINTS = 5.0
 """Weight of the prior, in points: once accepted candidates have fixed much more than this,
 their measured ratio decides."""
 FLOOR_RECORDS = 250
-"""The fewest records worth a training (the learning curve's first point: +4.0 points from the
-base, +3.1 from a champion on the demo, about what a paired test on 100+ units can see). A
-training that cannot get this many in its time cap declines."""
+"""The fewest records worth a training (the learning curve's first point: +17.9 points
+continuing a champion, p < 0.001 on GQA-ru; from the base +2.1, which a paired test cannot see:
+a fresh LoRA needs about 30 steps before greedy answers change). A training that cannot get this
+many in its time cap declines."""
 CEILING_RECORDS = 2000
 """The most records one training gets (the learning curve's last point): on a T4 about 48
 minutes packed, already more than a six-hour run can give each of six trained candidates; a

@@ -192,12 +192,16 @@ def test_loop_run_prices_with_its_prefix_cache_flag(monkeypatch):
 
     monkeypatch.setattr(controller, "priors", fake_priors)
     for flag in (False, True):
-        run = Loop(RunConfig(budget_s=60, gpu="cpu", preset="demo", prefix_cache=flag), store=None)
+        run = Loop(RunConfig(budget_s=60, gpu="cpu", preset="demo", prefix_cache=flag,
+                             packing=not flag), store=None)
         run.sources = None
         with pytest.raises(Priced):
             run.set_up()
     assert [args[2] if len(args) > 2 else kwargs["prefix_cache"] for args, kwargs in seen] == [
         False, True]
+    # --no-packing reaches them too: unpacked training is priced per record
+    assert [args[3] if len(args) > 3 else kwargs["packing"] for args, kwargs in seen] == [
+        True, False]
 
 
 def test_loop_plan_lists_each_cycle_with_its_kind_records_and_cost(capsys):
