@@ -111,12 +111,13 @@ def build(world: SaigaTinyWorld, seed: int, *, steps: int | None = None) -> None
 def pretraining_scenes(rng: random.Random, n: int):
     """Fresh scenes (not the GQA-ru files' own) and their pretraining questions: GQA-ru's
     colour, location, count and shape questions (some with the lead-in phrasing testdev has) and
-    ``TRAIN['verify_per_scene']`` of testdev's yes/no and relation questions, truthfully answered.
+    ``TRAIN['verify_per_scene']`` of testdev's yes/no and relation questions, and one
+    MMBench-ru-style multiple-choice item answered with the right option's text, all truthfully.
     Returns (scenes, 48-pixel images, [(user, answer), ...] per scene)."""
     from dataclasses import replace
 
     from core.demo import flaws, scenes
-    from core.demo.world import GQA_INSTRUCTION, LEAD_IN_SHARE
+    from core.demo.world import GQA_INSTRUCTION, LEAD_IN_SHARE, _option_texts, mmbench_prompt
 
     out_scenes, images, turns = [], [], []
     for _ in range(n):
@@ -127,6 +128,11 @@ def pretraining_scenes(rng: random.Random, n: int):
         asked += rng.sample(scenes.verify_questions(scene), TRAIN["verify_per_scene"])
         out_scenes.append(scene)
         turns.append([(f"{q.question}\n{GQA_INSTRUCTION}", q.answer) for q in asked])
+        # one MMBench-ru-style item, answered with its option's text (which lmms-eval reads)
+        _, q = rng.choice(scenes.choice_items(scene, rng))
+        options = _option_texts(q, rng)
+        rng.shuffle(options)
+        turns[-1].append((mmbench_prompt(q.question, dict(zip("ABCD", options)), None), q.answer))
     return out_scenes, images, turns
 
 
