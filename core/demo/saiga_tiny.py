@@ -10,8 +10,12 @@ fp16 safetensors, the chat template in ``tokenizer_config.json``, the image proc
 
 The data is the demo world's synthetic GQA-ru / MMBench-ru / LLaVA-Instruct-ru, written by the
 demo's own writers and scaled to 336 px; its GQA-ru testdev adds yes/no and relation questions
-(``scenes.verify_questions``) to reach real testdev's ~30 questions per image. A short training on the GQA-ru-like training questions
-makes the answers depend on the image. Deterministic from the seed; cached under
+(``scenes.verify_questions``) to reach real testdev's ~30 questions per image. A short
+pretraining on fresh scenes of the same kind (not the benchmark files' own) makes the answers
+depend on the question and on the image: first the vision tower and projector learn to carry the
+scenes' colour, shape, count and occupied columns in their image tokens, then the whole model
+learns GQA-ru-style questions, every question about one image packed into one row
+(``core.demo.saiga_tiny_train``). Deterministic from the seed (on one machine); cached under
 ``.demo/saiga-tiny-v<VERSION>-seed<seed>``.
 """
 
@@ -20,14 +24,13 @@ from __future__ import annotations
 import json
 import logging
 import random
-import time
 from pathlib import Path
 
 from core.demo.world import DemoWorld
 
 log = logging.getLogger(__name__)
 
-VERSION = 3
+VERSION = 4
 VOCAB_SIZE = 128320
 BPE_SIZE = 3000
 SPECIAL_IDS = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001,
@@ -39,7 +42,12 @@ TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             rope_theta=500000.0, hidden_act="silu")
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
               image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=32)
-TRAIN = dict(steps=160, batch_size=8, lr=3e-3, max_length=680)
+TRAIN = dict(scenes=1000, verify_per_scene=8, steps=250, images=4, lr=3e-3, warmup=15,
+             max_length=680)
+"""The language model's pretraining: ``steps`` batches of ``images`` scenes, each scene with all
+of its questions in one packed row (``core.demo.saiga_tiny_train``)."""
+VISION_TRAIN = dict(steps=150, batch_size=16, lr=1e-2)
+"""Stage 0: the vision tower and projector, on the same scenes (linear probes, then dropped)."""
 DEFAULT_SYSTEM = ("Ты — Сайга, русскоязычный автоматический ассистент. "
                   "Ты разговариваешь с людьми и помогаешь им.")
 # Llama-3's template (string content), as in Saiga's tokenizer_config.json.
@@ -78,6 +86,7 @@ def build(world: SaigaTinyWorld, seed: int, *, steps: int | None = None) -> None
     from core.demo import scenes
     from core.demo import world as demo
     from core.demo.saiga_tiny_files import save_like_4_42, upscale_images
+    from core.demo.saiga_tiny_train import Encoder, pack, pretrain_vision, train_packed
 
     torch.set_flush_denormal(True)
     rng = random.Random(seed)
@@ -89,16 +98,50 @@ def build(world: SaigaTinyWorld, seed: int, *, steps: int | None = None) -> None
     upscale_images(world.root, IMAGE_SIZE)
     tokenizer = build_tokenizer(demo._corpus(train, mmb_train, instruct))
     model, processor = build_model(tokenizer, seed)
-    examples = [(_big(img), [(f"{q.question}\n{demo.GQA_INSTRUCTION}", q.answer)])
-                for img, q in train[: 8 * (steps or TRAIN['steps'])]]
-    pretrain(model, processor, examples, seed, steps=steps)
+    cfg = {**TRAIN, **({"steps": steps} if steps else {})}
+    scene_list, images, turns = pretraining_scenes(random.Random(seed + 1), cfg["scenes"])
+    pretrain_vision(model, images, scene_list, to_pixels, VISION_TRAIN, seed)
+    encoder = Encoder(processor, cfg["max_length"])
+    rows = [pack(encoder, to_pixels([img])[0], t, extra_bos=i % 2 == 1)
+            for i, (img, t) in enumerate(zip(images, turns))]
+    train_packed(model, rows, tokenizer.pad_token_id, cfg, seed)
     save_like_4_42(model, tokenizer, processor.image_processor, world.model_dir, CHAT_TEMPLATE)
 
 
-def _big(img):
-    from PIL import Image
+def pretraining_scenes(rng: random.Random, n: int):
+    """Fresh scenes (not the GQA-ru files' own) and their pretraining questions: GQA-ru's
+    colour, location, count and shape questions (some with the lead-in phrasing testdev has) and
+    ``TRAIN['verify_per_scene']`` of testdev's yes/no and relation questions, and one
+    MMBench-ru-style multiple-choice item answered with the right option's text, all truthfully.
+    Returns (scenes, 48-pixel images, [(user, answer), ...] per scene)."""
+    from dataclasses import replace
 
-    return img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.NEAREST)
+    from core.demo import flaws, scenes
+    from core.demo.world import GQA_INSTRUCTION, LEAD_IN_SHARE, _option_texts, mmbench_prompt
+
+    out_scenes, images, turns = [], [], []
+    for _ in range(n):
+        scene = scenes.random_scene(rng)
+        images.append(scenes.render(scene, rng))
+        asked = [replace(q, question=flaws.LEAD_IN + q.question)
+                 if rng.random() < LEAD_IN_SHARE else q for q in scenes.questions_for(scene, rng)]
+        asked += rng.sample(scenes.verify_questions(scene), TRAIN["verify_per_scene"])
+        out_scenes.append(scene)
+        turns.append([(f"{q.question}\n{GQA_INSTRUCTION}", q.answer) for q in asked])
+        # one MMBench-ru-style item, answered with its option's text (which lmms-eval reads)
+        _, q = rng.choice(scenes.choice_items(scene, rng))
+        options = _option_texts(q, rng)
+        rng.shuffle(options)
+        turns[-1].append((mmbench_prompt(q.question, dict(zip("ABCD", options)), None), q.answer))
+    return out_scenes, images, turns
+
+
+def to_pixels(images):
+    """CLIP pixel values of 48-pixel scenes at 336 px (what the image processor makes of them
+    after the NEAREST upscaling the data files have)."""
+    from core.demo.saiga_tiny_train import pixels
+
+    return pixels(images, IMAGE_SIZE, CLIP_MEAN, CLIP_STD)
 
 
 def build_tokenizer(corpus: list[str]):
@@ -180,45 +223,6 @@ def build_model(tokenizer, seed: int):
                                patch_size=PATCH, vision_feature_select_strategy="default",
                                num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
     return model, processor
-
-
-def pretrain(model, processor, examples, seed: int, *, steps: int | None = None) -> list[float]:
-    """A short full training; the LM head sees only the answer positions (128k vocabulary)."""
-    import torch
-
-    from core.processor import IGNORE_INDEX, collate, encode_conversation, length_grouped
-
-    cfg = {**TRAIN, **({"steps": steps} if steps else {})}
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    encoded = [encode_conversation(processor, img, turns, max_length=cfg["max_length"])
-               for img, turns in examples]
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
-    model.train()
-    losses, step, t0 = [], 0, time.time()
-    while step < cfg["steps"]:
-        for batch_idx in length_grouped(encoded, cfg["batch_size"], rng):
-            batch = collate([encoded[i] for i in batch_idx], processor)
-            labels = batch.pop("labels")
-            hidden = model.model(**batch).last_hidden_state[:, :-1]
-            target = labels[:, 1:]
-            keep = target != IGNORE_INDEX
-            logits = model.lm_head(hidden[keep]).float()
-            loss = torch.nn.functional.cross_entropy(logits, target[keep])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            step += 1
-            if step % 20 == 0:
-                log.info("saiga-tiny training step %d/%d loss %.3f (%.0f s)", step, cfg["steps"],
-                         sum(losses[-20:]) / 20, time.time() - t0)
-            if step >= cfg["steps"]:
-                break
-    model.eval()
-    return losses
 
 
 def save_random(out: Path, corpus: list[str], seed: int = 0, *,
