@@ -61,10 +61,10 @@ def real_ctx(bench, workdir: Path, *, champion: Candidate, history: list[dict],
     def evaluate(b, config, *, adapter_path, examples=None):
         return bench.score(config, adapter_path, examples or bench.examples[b][:DEV])
 
-    # rates that size the distillation to about 20 records and 5 steps
+    # rates at which the distillation's floor (strategies.sizing.FLOOR_RECORDS) fits, and no more
     return Context(cycle=len(history) + 1, seed=0, champion=champion, profiles={},
-                   history=history, time_left_s=100.0,
-                   rates=CostRates({b: 1.0 for b in BENCHMARKS}, 1.0, load_s=1.0),
+                   history=history, time_left_s=30.0,
+                   rates=CostRates({b: 0.02 for b in BENCHMARKS}, 0.02, load_s=0.1),
                    dev_sizes={b: 10 for b in BENCHMARKS}, data=bench.sources.data,
                    protected=bench.protected, workdir=workdir, train=train, evaluate=evaluate,
                    train_lr=lr)
