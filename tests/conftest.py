@@ -37,6 +37,17 @@ def _no_network(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models train faster on one thread, and far faster on a shared, busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_vlm_dir(tmp_path_factory):
     """A random, untrained tiny LLaVA + processor saved with save_pretrained."""

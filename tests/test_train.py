@@ -7,7 +7,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from PIL import Image
+from square_records import logits, square_records
 
 from core.device import GpuInfo, resolve_profile
 from core.exceptions import DataError, UserError
@@ -17,32 +17,10 @@ from core.train import TrainConfig, TrainHooks, train_lora
 T4 = GpuInfo(name="Tesla T4", capability=(7, 5), memory_gb=15.8)
 A100 = GpuInfo(name="NVIDIA A100-SXM4-40GB", capability=(8, 0), memory_gb=42.4)
 H100 = GpuInfo(name="NVIDIA H100 80GB HBM3", capability=(9, 0), memory_gb=85.0)
-COLORS = {"красный": (220, 30, 30), "синий": (30, 30, 220), "зелёный": (30, 200, 30)}
+_records = square_records
 
 
-def _records(n: int, answer=None) -> list[dict]:
-    """Yes/no questions about a coloured square, answered with one word."""
-    out = []
-    names = list(COLORS)
-    for i in range(n):
-        shown, asked = names[i % 3], names[(i // 3) % 3]
-        image = Image.new("RGB", (48, 48), COLORS[shown])
-        reply = answer or ("да" if shown == asked else "нет")
-        out.append({"id": f"r{i}", "image": image, "source": "test", "conversations": [
-            {"from": "human", "value": f"Есть ли на картинке {asked} квадрат?\nОтветь одним словом."},
-            {"from": "gpt", "value": reply}]})
-    return out
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models train faster on one thread, and far faster on a shared, busy machine."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(**kw) -> TrainConfig:
@@ -50,16 +28,7 @@ def _config(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def _logits(vlm, records):
-    import torch
-
-    from core.processor import LLaVADataProcessor
-
-    proc = LLaVADataProcessor(vlm.processor)
-    batch = proc.collate(proc.encode_all(records))
-    batch.pop("labels")
-    with torch.no_grad():
-        return vlm.model(**batch).logits
+_logits = logits
 
 
 def _lora_weights(vlm, name):

@@ -6,34 +6,14 @@ from __future__ import annotations
 import random
 
 import pytest
-from PIL import Image
+from square_records import logits, square_records
 
 from core.train import TrainConfig, TrainHooks, train_lora
 
-COLORS = {"красный": (220, 30, 30), "синий": (30, 30, 220), "зелёный": (30, 200, 30)}
+_records = square_records
 
 
-def _records(n: int) -> list[dict]:
-    names = list(COLORS)
-    out = []
-    for i in range(n):
-        shown, asked = names[i % 3], names[(i // 3) % 3]
-        out.append({"id": f"r{i}", "image": Image.new("RGB", (48, 48), COLORS[shown]),
-                    "source": "test", "conversations": [
-                        {"from": "human", "value": f"Есть ли на картинке {asked} квадрат?\n"
-                                                   "Ответь одним словом."},
-                        {"from": "gpt", "value": "да" if shown == asked else "нет"}]})
-    return out
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(**kw) -> TrainConfig:
@@ -42,16 +22,7 @@ def _config(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def _logits(vlm, records):
-    import torch
-
-    from core.processor import LLaVADataProcessor
-
-    proc = LLaVADataProcessor(vlm.processor)
-    batch = proc.collate(proc.encode_all(records))
-    batch.pop("labels")
-    with torch.no_grad():
-        return vlm.model(**batch).logits
+_logits = logits
 
 
 def _lora(vlm, name) -> list:
