@@ -78,7 +78,7 @@ def evaluate(bench, adapter: str | None, part: str = "dev") -> dict:
 def context(bench, preset: str, champion, cycle: int, seed: int):
     """The ``Context`` the loop would give ``answer_format_sft`` in ``cycle`` with ``champion``:
     its error profiles come from the champion's answers on the analysis subset."""
-    from loop.controller import TRAIN_LR
+    from loop.presets import train_lr
     from loop.workbench import Scored
     from strategies.base import Context
 
@@ -95,7 +95,7 @@ def context(bench, preset: str, champion, cycle: int, seed: int):
             cycle=cycle),
         evaluate=lambda b, config, *, adapter_path, examples=None: bench.run_eval(
             b, config, adapter_path, examples if examples is not None else bench.tune[b]),
-        tune_examples=bench.tune, train_lr=TRAIN_LR[preset], preset=preset)
+        tune_examples=bench.tune, train_lr=train_lr(preset), preset=preset)
 
 
 def train_point(ctx, builder, n: int, attempt: int, name: str) -> tuple[str, dict]:

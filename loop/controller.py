@@ -22,6 +22,7 @@ from loop import hpo_share, judging
 from loop.budget import Budget, CostModel, fmt_s, priors
 from loop.decision import OBJECTIVES, comparisons_made, judge, paired_scores
 from loop.policy import Choice, next_choice, stop_reason
+from loop.presets import train_lr
 from loop.trackers import TRACKERS, RunReporter, Tracker, check, open_tracker
 from loop.workbench import Scored, Workbench
 from strategies.base import (
@@ -117,8 +118,6 @@ class RunConfig:
             raise UserError("invalid run configuration: " + "; ".join(problems))
 
 
-# The usual LoRA learning rate of each preset's base model (strategies may search around it).
-TRAIN_LR = {"saiga": 2e-4, "demo": 2e-3, "saiga-tiny": 1e-3}
 
 
 class Loop:
@@ -505,7 +504,7 @@ class Loop:
             record_trial=lambda trial: bench.record_trial(trial, strategy=strategy,
                                                           parent_id=champion.adapter_id),
             profile_name=bench.profile.name, preset=self.config.preset, run_id=self.run_id,
-            train_lr=TRAIN_LR[self.config.preset])
+            train_lr=train_lr(self.config.preset))
 
     def _adapter_id(self, path: str | None, champion: Candidate) -> int | None:
         if path is None:

@@ -8,14 +8,12 @@ import time
 
 from loop.commands._common import GPU_PROFILES, add_json_arg, add_source_args
 from loop.config_file import add_config_arg
+from loop.presets import TRAIN_LR, train_lr
 from loop.trackers import add_report_arg
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("gqa_train", "llava_instruct")
-DEMO_LR = 3e-3
-TINY_LR = 1e-3
-"""The demo's tiny model needs larger steps than an 8B model (its hidden size is 128)."""
 
 
 def add_parser(sub) -> None:
@@ -33,8 +31,8 @@ def add_parser(sub) -> None:
     length.add_argument("--steps", type=int, metavar="N", help="optimizer steps")
     length.add_argument("--epochs", type=float, metavar="X", help="passes over the data (default 1)")
     p.add_argument("--lr", type=float, metavar="X",
-                   help=f"peak learning rate (default 2e-4; {DEMO_LR:g} with --preset demo, "
-                   f"{TINY_LR:g} with saiga-tiny)")
+                   help="peak learning rate (default: the preset's, as the loop trains it: "
+                   + ", ".join(f"{v:g} for {k}" for k, v in TRAIN_LR.items()) + ")")
     p.add_argument("--rank", type=int, default=16, metavar="R", help="LoRA rank (default 16)")
     p.add_argument("--batch-size", type=int, default=16, metavar="N",
                    help="samples per optimizer step (default 16); the GPU profile sets the "
@@ -92,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from loop.sources import sources_from_args
 
     config = TrainConfig(steps=args.steps, epochs=args.epochs, rank=args.rank,
-                         lr=args.lr or {"demo": DEMO_LR, "saiga-tiny": TINY_LR}.get(args.preset, 2e-4),
+                         lr=args.lr or train_lr(args.preset),
                          batch_size=args.batch_size, train_projector=args.train_projector,
                          seed=args.seed, pack_by_image=args.packing)
     profile = resolve_profile(args.gpu, dtype=args.dtype, load_in_4bit=args.load_in_4bit)
