@@ -40,6 +40,10 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+DEFAULT_RESERVE = 0.2
+"""Share of the budget kept from the start for the final evaluation and the report."""
+
+
 def priors(preset: str, profile: str, prefix_cache: bool = True,
            packing: bool = True) -> CostRates:
     """Seconds per unit of work before anything is measured.
@@ -111,7 +115,7 @@ class CostModel:
 class Budget:
     """Wall-clock accounting: spent so far, the reserve, and whether a step still fits."""
 
-    def __init__(self, total_s: float, reserve_fraction: float = 0.2, *, spent_before: float = 0.0,
+    def __init__(self, total_s: float, reserve_fraction: float = DEFAULT_RESERVE, *, spent_before: float = 0.0,
                  clock=time.monotonic):
         self.total_s = total_s
         self.reserve_s = total_s * reserve_fraction

@@ -9,8 +9,8 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from loop.commands.log import format_duration, format_p, format_pct
 from loop.compare import SIDES, Comparison
+from loop.formatting import format_duration, format_p, format_pct
 from loop.report import clip, md_cell
 from loop.report_plots import CSS, _table
 

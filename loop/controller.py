@@ -19,7 +19,7 @@ import strategies
 from core.evaluate import EvalConfig
 from core.exceptions import UserError
 from loop import hpo_share, judging
-from loop.budget import Budget, CostModel, fmt_s, priors
+from loop.budget import DEFAULT_RESERVE, Budget, CostModel, fmt_s, priors
 from loop.decision import OBJECTIVES, comparisons_made, judge, paired_scores
 from loop.policy import Choice, next_choice, stop_reason
 from loop.presets import train_lr
@@ -52,7 +52,7 @@ class RunConfig:
     coco_dir: str | None = None
     seed: int = 0
     """Seed of the splits, the subsets, the SFT data and training."""
-    reserve_fraction: float = 0.2
+    reserve_fraction: float = DEFAULT_RESERVE
     """Share of the budget kept from the start for the final evaluation and the report."""
     alpha: float = 0.05
     """Family-wise significance level of the run: the k-th paired test on dev is run at

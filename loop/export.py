@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.exceptions import UserError
-from loop.commands.log import format_p, format_pct
+from loop.formatting import format_p, format_pct
 from loop.report import Report, build_report, md_cell, write_report
 
 if TYPE_CHECKING:

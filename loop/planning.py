@@ -16,7 +16,7 @@ import strategies
 from core.device import GQA_QUESTIONS_PER_IMAGE
 from core.error_profile import ErrorProfile
 from core.splits import DEV_FRACTION
-from loop.budget import Budget, fmt_s, priors, subset_sizes
+from loop.budget import DEFAULT_RESERVE, Budget, fmt_s, priors, subset_sizes
 from loop.decision import DEFAULT_OBJECTIVE
 from loop.policy import next_choice
 from strategies.base import BENCHMARKS, Context
@@ -110,7 +110,7 @@ def _records(strategy, ctx: Context) -> tuple[str | int, dict | None]:
     return sizing.records, sizing.to_dict()
 
 
-def make_plan(budget_s: float, preset: str, gpu: str, reserve: float = 0.2,
+def make_plan(budget_s: float, preset: str, gpu: str, reserve: float = DEFAULT_RESERVE,
               prefix_cache: bool = True, *, packing: bool = True,
               objective: str = DEFAULT_OBJECTIVE, names: list[str] | None = None,
               dev_size: int | None = None, final_size: int | None = None) -> dict:

@@ -16,8 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.exceptions import UserError
-from loop.commands.log import benchmarks_of, format_duration, format_p, format_pct, wilson_interval
-from loop.commands.show import compare
+from loop.formatting import (
+    benchmarks_of,
+    compare,
+    format_duration,
+    format_p,
+    format_pct,
+    wilson_interval,
+)
 from loop.report_plots import clean_profile, dev_points
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ import math
 from html import escape
 from typing import TYPE_CHECKING, Any
 
-from loop.commands.log import wilson_interval
+from loop.formatting import wilson_interval
 
 if TYPE_CHECKING:
     from loop.report import Report

@@ -10,7 +10,7 @@ import pytest
 
 from core.metrics import paired_test
 from loop.cli import main
-from loop.commands.log import format_p
+from loop.formatting import format_p
 from loop.store import Store
 
 GQA = "gqa-ru exact match (lmms-eval prompt and decoding)"

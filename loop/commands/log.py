@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import math
 from typing import TYPE_CHECKING, Any
 
-from loop.commands._common import BENCHMARKS, add_db_arg, add_json_arg, format_table, print_json
+from loop.commands._common import add_db_arg, add_json_arg, format_table, print_json
+from loop.formatting import (
+    benchmarks_of,
+    format_duration,
+    format_p,
+    format_pct,
+    wilson_interval,
+)
 
 if TYPE_CHECKING:
     from loop.store import Store
@@ -72,49 +78,6 @@ def _trials(proposals: list[dict[str, Any]], index: int) -> dict[str, Any]:
 
     trials = trials_view.trials_of([p for p in proposals if p["cycle_index"] == index])
     return {"trials": trials_view.summary(trials)} if trials else {}
-
-
-def format_pct(value: float | None, ci: list[float] | tuple[float, float] | None = None) -> str:
-    """``51.4% [48.0, 54.9]`` from fractions; ``-`` when there is no value."""
-    if value is None:
-        return "-"
-    text = f"{100 * value:.1f}%"
-    if ci:
-        text += f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
-    return text
-
-
-def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The 95% Wilson score interval of a proportion ``p`` measured on ``n`` questions."""
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def format_duration(seconds: float | None) -> str:
-    """``42s``, ``12m03s`` or ``5h12m``."""
-    if seconds is None:
-        return "-"
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-def format_p(p: float | None) -> str:
-    """A p-value with two significant digits, ``<0.001`` below that."""
-    if p is None:
-        return "-"
-    return "<0.001" if p < 0.001 else f"{p:.2g}"
-
-
-def benchmarks_of(dicts: list[dict[str, Any]]) -> list[str]:
-    """The benchmark keys found in ``dicts``, the known ones first."""
-    found = {key for d in dicts for key in d}
-    return [b for b in BENCHMARKS if b in found] + sorted(found - set(BENCHMARKS))
 
 
 def render_run(run: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from loop.budget import DEFAULT_RESERVE
 from loop.commands._common import (
     GPU_PROFILES,
     PRESETS,
@@ -23,8 +24,8 @@ def add_parser(sub) -> None:
                    help="GPU profile to plan for (default t4; no GPU is needed to plan)")
     p.add_argument("--preset", choices=PRESETS, default="saiga",
                    help="the model and data to plan for, as `loop run --preset` (default saiga)")
-    p.add_argument("--reserve", type=float, default=0.2, metavar="FRACTION",
-                   help="share of the budget kept for the final evaluation (default 0.2)")
+    p.add_argument("--reserve", type=float, default=DEFAULT_RESERVE, metavar="FRACTION",
+                   help=f"share of the budget kept for the final evaluation (default {DEFAULT_RESERVE:g})")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="plan as if every question's whole prompt were computed (for comparison)")
     p.add_argument("--no-packing", dest="packing", action="store_false",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from loop.budget import DEFAULT_RESERVE
 from loop.commands._common import GPU_PROFILES, add_db_arg, add_output_path_arg, add_source_args
 from loop.config_file import add_config_arg
 from loop.trackers import add_report_arg
@@ -22,8 +23,8 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the latest unfinished run in the database with its own options "
                    "(flags that would change them are refused; --storage and --output_path apply)")
-    p.add_argument("--reserve", type=float, default=0.2, metavar="FRACTION",
-                   help="share of the budget kept for the final evaluation (default 0.2)")
+    p.add_argument("--reserve", type=float, default=DEFAULT_RESERVE, metavar="FRACTION",
+                   help=f"share of the budget kept for the final evaluation (default {DEFAULT_RESERVE:g})")
     p.add_argument("--objective", choices=("benchmark", "deployment"), default="benchmark",
                    help="what the loop optimises: benchmark (default; the exact lmms-eval "
                    "protocol, so only adapters can win) or deployment (prompt and decoding "

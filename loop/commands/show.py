@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 from core.exceptions import UserError
 from loop import trials_view
 from loop.commands._common import add_db_arg, add_json_arg, format_table, print_json
-from loop.commands.log import (
+from loop.formatting import (
     benchmarks_of,
+    compare,
     format_duration,
     format_p,
     format_pct,
@@ -175,38 +176,6 @@ def decision(cycle: dict[str, Any]) -> str:
         "failed": f"failed: {cycle.get('error') or 'no error recorded'}",
         "baseline": "baseline: the starting champion",
     }.get(cycle["status"], cycle["status"])
-
-
-def compare(before: list[dict] | None, after: list[dict], limit: int) -> dict[str, Any]:
-    """Pair two evaluations' predictions by sample_id: fixed, broken and still-wrong answers.
-
-    Without a previous evaluation every wrong answer counts as still wrong.
-    """
-    old = {p["sample_id"]: p for p in before or []}
-    fixed, broken, still_wrong, paired = [], [], [], 0
-    for new in after:
-        prev = old.get(new["sample_id"])
-        if before is not None and prev is None:
-            continue
-        paired += 1
-        if prev is None:
-            if not new["correct"]:
-                still_wrong.append(_example(None, new))
-        elif new["correct"] and not prev["correct"]:
-            fixed.append(_example(prev, new))
-        elif prev["correct"] and not new["correct"]:
-            broken.append(_example(prev, new))
-        elif not new["correct"]:
-            still_wrong.append(_example(prev, new))
-    return {"paired_n": paired, "fixed_n": len(fixed), "broken_n": len(broken),
-            "still_wrong_n": len(still_wrong), "fixed": fixed[:limit],
-            "still_wrong": still_wrong[:limit]}
-
-
-def _example(prev: dict | None, new: dict) -> dict[str, Any]:
-    return {"sample_id": new["sample_id"], "question": new["question"], "answer": new["answer"],
-            "before": prev["output"] if prev else None, "after": new["output"],
-            "after_parsed": new["parsed"], "labels": new["labels"] or (prev or {}).get("labels")}
 
 
 UNITS = {"gqa_ru": "images", "mmbench_ru": "question groups"}
