@@ -21,7 +21,7 @@ from core.train import TrainConfig
 from strategies.base import Candidate, Context, ProposalFailed, Strategy
 from strategies.common import Clock, attempts, share, train_adapter
 from strategies.sft_data import Mix, SFTDataBuilder
-from strategies.sizing import Sizing, size_training
+from strategies.sizing import Sizing, share_of_time_left, size_training, time_left_for_floor
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class AnswerFormatSFT(Strategy):
 
     def budget(self, ctx: Context) -> float:
         """Seconds for building the data and training at most (the sizing's time cap)."""
-        return TIME_SHARE * (ctx.time_left_s - self.eval_cost(ctx)) - ctx.rates.load_s
+        return share_of_time_left(ctx, self.eval_cost(ctx), TIME_SHARE)
 
     def sizing(self, ctx: Context) -> Sizing:
         """Records and steps for the champion's addressed errors; a continuation of the
@@ -135,8 +135,7 @@ class AnswerFormatSFT(Strategy):
         fit in the time cap, the time left that it would need."""
         sizing = self.sizing(ctx)
         if sizing.declined:
-            floor_s = sizing.floor * sizing.s_per_record
-            return self.eval_cost(ctx) + (ctx.rates.load_s + floor_s) / TIME_SHARE
+            return time_left_for_floor(ctx, self.eval_cost(ctx), sizing, TIME_SHARE)
         return self.eval_cost(ctx) + ctx.rates.load_s + sizing.seconds
 
 

@@ -38,7 +38,7 @@ from strategies.common import DATA_S_PER_RECORD, MIN_STEPS, Clock, attempts, tra
 from strategies.generation_params import GenerationParams
 from strategies.prompt_constraints import PromptConstraints
 from strategies.sft_data import SFTDataBuilder
-from strategies.sizing import Sizing, size_training
+from strategies.sizing import Sizing, share_of_time_left, size_training, time_left_for_floor
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class ContextDistill(Strategy):
         return "waits for a prompt or decoding setting that wins on dev with this champion"
 
     def budget(self, ctx: Context) -> float:
-        return TIME_SHARE * (ctx.time_left_s - self.eval_cost(ctx)) - ctx.rates.load_s
+        return share_of_time_left(ctx, self.eval_cost(ctx), TIME_SHARE)
 
     def sizing(self, ctx: Context, found: tuple[dict, list[str]] | None = None) -> Sizing:
         """Records to distil: what the winning setting gained (``found``: its history entry
@@ -175,8 +175,7 @@ class ContextDistill(Strategy):
     def least_seconds(self, ctx: Context) -> float:
         """The least time left with which a distillation can be proposed: its time cap (a share
         of what the dev evaluation leaves) must hold the floor's records."""
-        floor = self.sizing(ctx)
-        return self.eval_cost(ctx) + (ctx.rates.load_s + floor.floor * floor.s_per_record) / TIME_SHARE
+        return time_left_for_floor(ctx, self.eval_cost(ctx), self.sizing(ctx), TIME_SHARE)
 
     def estimate_cost(self, ctx: Context) -> float:
         """The dev evaluation and the sized generation and training (for the winning setting,

@@ -226,3 +226,14 @@ def describe(sizing: dict) -> str:
             f"{sizing['records_per_point']:g} records/point ({sizing['ratio_source']}); "
             f"floor {sizing['floor']}, ceiling {sizing['ceiling']}, time cap "
             f"{sizing['time_cap_s']:g} s = {sizing['time_cap_records']} records")
+
+
+def share_of_time_left(ctx: Context, eval_s: float, share: float) -> float:
+    """Seconds a strategy that gives its data and training ``share`` of what its candidate's
+    dev evaluation (``eval_s``) leaves of ``ctx.time_left_s`` may spend, the model load aside."""
+    return share * (ctx.time_left_s - eval_s) - ctx.rates.load_s
+
+
+def time_left_for_floor(ctx: Context, eval_s: float, sizing: Sizing, share: float) -> float:
+    """The least ``ctx.time_left_s`` whose ``share_of_time_left`` holds ``sizing``'s floor."""
+    return eval_s + (ctx.rates.load_s + sizing.floor * sizing.s_per_record) / share
